@@ -1,0 +1,562 @@
+//! Plugin configuration: the JSON Envoy hands the filter (Istio's `pluginConfig`), and the
+//! rules file of the companion service (same `rules` shape).
+//!
+//! Parsing is two steps. `serde` reads the JSON into `Raw*` structs that refuse unknown
+//! fields (with `serde_path_to_error` naming the field path), then [`compile`] checks every
+//! value and builds the runtime [`Config`]. Every refusal is one [`ConfigError`] whose
+//! `Display` is a single line `path: reason`, which is what the filter logs.
+
+use serde::Deserialize;
+use std::fmt;
+
+use crate::hash::Hasher64;
+
+/// More rules than this is a configuration mistake, not a policy (each request may be
+/// tried against every rule).
+pub const MAX_RULES: usize = 256;
+/// Limits per rule; one bucket entry holds one timestamp per limit.
+pub const MAX_LIMITS_PER_RULE: usize = 8;
+pub const MAX_KEY_SOURCES: usize = 8;
+pub const MAX_HEADER_MATCHES: usize = 16;
+pub const MAX_METHODS: usize = 16;
+pub const MAX_ID_LEN: usize = 64;
+pub const MAX_PATH_LEN: usize = 1024;
+/// Largest `max` / `burst`: keeps every GCRA product inside u64 nanoseconds.
+pub const MAX_COUNT: u64 = 1_000_000_000;
+/// Longest window: 366 days.
+pub const MAX_WINDOW_SECS: u64 = 366 * 86_400;
+pub const DEFAULT_MAX_CLIENTS: u64 = 100_000;
+pub const MIN_MAX_CLIENTS: u64 = 16;
+pub const MAX_MAX_CLIENTS: u64 = 16_777_216;
+/// `x-forwarded-for` hops deeper than this are refused.
+pub const MAX_XFF_HOP: u32 = 16;
+
+/// One configuration refusal: the field path (`rules[1].limits[0].window`) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "configuration: {}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------
+// The JSON shape.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    rules: Vec<RawRule>,
+    #[serde(default)]
+    headers: Option<HeaderMode>,
+    #[serde(default)]
+    xff_hop: Option<u32>,
+    #[serde(default)]
+    max_clients: Option<u64>,
+    /// Reserved for the companion service (global scope); see README.
+    #[serde(default)]
+    service: Option<serde_json::Value>,
+    /// Reserved for the companion service (what to do when it is unreachable).
+    #[serde(default)]
+    failure_mode: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: String,
+    #[serde(default)]
+    priority: i32,
+    #[serde(rename = "match")]
+    matcher: RawMatch,
+    #[serde(default)]
+    key: Option<Vec<String>>,
+    limits: Vec<RawLimit>,
+    #[serde(default)]
+    shadow: bool,
+    #[serde(default)]
+    scope: Option<Scope>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    path: String,
+    #[serde(default)]
+    methods: Option<Vec<String>>,
+    #[serde(default)]
+    headers: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    window: String,
+    max: u64,
+    #[serde(default)]
+    burst: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------------------
+// The runtime shape.
+
+/// Which rate-limit headers go on responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeaderMode {
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (epoch seconds).
+    #[default]
+    XRatelimit,
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+    Ietf,
+    Both,
+    None,
+}
+
+impl HeaderMode {
+    pub fn x_ratelimit(self) -> bool {
+        matches!(self, HeaderMode::XRatelimit | HeaderMode::Both)
+    }
+    pub fn ietf(self) -> bool {
+        matches!(self, HeaderMode::Ietf | HeaderMode::Both)
+    }
+}
+
+/// Where a rule's limits are enforced. Only `local` (this Envoy's workers share one set
+/// of buckets) is built; `global` is the companion service's, and is refused until the
+/// filter speaks to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    #[default]
+    Local,
+    Global,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    /// From `"/api/*"`: the request path starts with `"/api/"`. `"*"` matches every path.
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `header:<name>`; the name is stored lower-cased.
+    Header(String),
+    /// The downstream address (or the configured `x-forwarded-for` hop), port removed.
+    Ip,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matcher {
+    pub path: PathMatch,
+    /// Upper-cased; empty means any method.
+    pub methods: Vec<String>,
+    /// Lower-cased names, exact values.
+    pub headers: Vec<(String, String)>,
+}
+
+/// One limit: `max` requests per `window`, bucket capacity `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub window_secs: u64,
+    pub max: u64,
+    pub burst: u64,
+    /// GCRA emission interval: one token comes back every `interval_ns`.
+    pub interval_ns: u64,
+    /// Bucket depth in time: `burst * interval_ns`.
+    pub depth_ns: u64,
+}
+
+impl Limit {
+    pub fn new(window_secs: u64, max: u64, burst: u64) -> Option<Limit> {
+        if window_secs == 0 || max == 0 || burst == 0 {
+            return None;
+        }
+        let interval_ns = window_secs.checked_mul(1_000_000_000)? / max;
+        let depth_ns = interval_ns.checked_mul(burst)?;
+        if interval_ns == 0 {
+            return None;
+        }
+        Some(Limit {
+            window_secs,
+            max,
+            burst,
+            interval_ns,
+            depth_ns,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub id: String,
+    pub priority: i32,
+    pub matcher: Matcher,
+    pub key: Vec<KeySource>,
+    pub limits: Vec<Limit>,
+    pub shadow: bool,
+    pub scope: Scope,
+    /// Hash of the rule id and its limits. Seeds every client fingerprint of this rule,
+    /// so changing a rule's limits starts its clients on fresh buckets instead of
+    /// reading old timestamps with new intervals.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Sorted by priority (higher first), then file order: the first match applies.
+    pub rules: Vec<Rule>,
+    pub headers: HeaderMode,
+    /// `None`: the client ip is the downstream address. `Some(n)`: the n-th address from
+    /// the right of `x-forwarded-for` (1 = the one the nearest proxy appended).
+    pub xff_hop: Option<u32>,
+    /// Bucket entries kept in shared data (a power of two); see [`crate::slots`].
+    pub slots: u32,
+}
+
+pub fn default_key() -> Vec<KeySource> {
+    vec![
+        KeySource::Header("x-api-key".into()),
+        KeySource::Header("x-user-id".into()),
+        KeySource::Ip,
+    ]
+}
+
+/// Parses and validates a whole configuration.
+pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+    let raw: RawConfig = from_json(json)?;
+    compile(raw)
+}
+
+/// Parses and validates just a list of rules (the companion's rules file and
+/// `PUT /rate-limits/rules`), accepting either `{"rules": [...]}` or a whole plugin
+/// configuration.
+pub fn parse_rules(json: &[u8]) -> Result<Vec<Rule>, ConfigError> {
+    parse(json).map(|c| c.rules)
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(json: &[u8]) -> Result<T, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        // serde_json appends " at line L column C"; keep it, it helps find the spot.
+        ConfigError::new(path, e.into_inner().to_string())
+    })
+}
+
+fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+    if raw.service.is_some() {
+        return Err(ConfigError::new(
+            "service",
+            "the companion service block is reserved and not supported by this filter version",
+        ));
+    }
+    if raw.failure_mode.is_some() {
+        return Err(ConfigError::new(
+            "failure_mode",
+            "reserved for the companion service and not supported by this filter version",
+        ));
+    }
+    if raw.rules.len() > MAX_RULES {
+        return Err(ConfigError::new(
+            "rules",
+            format!("{} rules, at most {MAX_RULES} are allowed", raw.rules.len()),
+        ));
+    }
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    for (i, r) in raw.rules.into_iter().enumerate() {
+        let rule = compile_rule(&format!("rules[{i}]"), r)?;
+        if let Some(j) = rules.iter().position(|o: &Rule| o.id == rule.id) {
+            return Err(ConfigError::new(
+                format!("rules[{i}].id"),
+                format!("duplicate rule id {:?} (also rules[{j}].id)", rule.id),
+            ));
+        }
+        rules.push(rule);
+    }
+    // Stable: equal priorities keep file order.
+    rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
+
+    if let Some(h) = raw.xff_hop {
+        if h == 0 || h > MAX_XFF_HOP {
+            return Err(ConfigError::new(
+                "xff_hop",
+                format!("{h} is out of range 1..={MAX_XFF_HOP}"),
+            ));
+        }
+    }
+    let max_clients = raw.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS);
+    if !(MIN_MAX_CLIENTS..=MAX_MAX_CLIENTS).contains(&max_clients) {
+        return Err(ConfigError::new(
+            "max_clients",
+            format!("{max_clients} is out of range {MIN_MAX_CLIENTS}..={MAX_MAX_CLIENTS}"),
+        ));
+    }
+    Ok(Config {
+        rules,
+        headers: raw.headers.unwrap_or_default(),
+        xff_hop: raw.xff_hop,
+        slots: max_clients.next_power_of_two() as u32,
+    })
+}
+
+fn compile_rule(at: &str, r: RawRule) -> Result<Rule, ConfigError> {
+    check_id(&format!("{at}.id"), &r.id)?;
+    let matcher = compile_match(&format!("{at}.match"), r.matcher)?;
+    let key = match r.key {
+        None => default_key(),
+        Some(sources) => {
+            if sources.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{at}.key"),
+                    "must name at least one key source",
+                ));
+            }
+            if sources.len() > MAX_KEY_SOURCES {
+                return Err(ConfigError::new(
+                    format!("{at}.key"),
+                    format!("{} key sources, at most {MAX_KEY_SOURCES}", sources.len()),
+                ));
+            }
+            let mut out = Vec::with_capacity(sources.len());
+            for (k, s) in sources.iter().enumerate() {
+                out.push(parse_key_source(&format!("{at}.key[{k}]"), s)?);
+            }
+            out
+        }
+    };
+    if r.limits.is_empty() {
+        return Err(ConfigError::new(
+            format!("{at}.limits"),
+            "must hold at least one limit",
+        ));
+    }
+    if r.limits.len() > MAX_LIMITS_PER_RULE {
+        return Err(ConfigError::new(
+            format!("{at}.limits"),
+            format!("{} limits, at most {MAX_LIMITS_PER_RULE}", r.limits.len()),
+        ));
+    }
+    let mut limits = Vec::with_capacity(r.limits.len());
+    for (k, l) in r.limits.iter().enumerate() {
+        limits.push(compile_limit(&format!("{at}.limits[{k}]"), l)?);
+    }
+    let scope = r.scope.unwrap_or_default();
+    if scope == Scope::Global {
+        return Err(ConfigError::new(
+            format!("{at}.scope"),
+            "\"global\" needs the companion service block, which this filter version does not support yet; use \"local\"",
+        ));
+    }
+    let mut h = Hasher64::new(0x6d65_7368_6c69_6d74);
+    h.write(r.id.as_bytes());
+    for l in &limits {
+        h.write_u64(l.window_secs);
+        h.write_u64(l.max);
+        h.write_u64(l.burst);
+    }
+    Ok(Rule {
+        seed: h.finish(),
+        id: r.id,
+        priority: r.priority,
+        matcher,
+        key,
+        limits,
+        shadow: r.shadow,
+        scope,
+    })
+}
+
+fn check_id(at: &str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(ConfigError::new(
+            at,
+            format!("must be 1..={MAX_ID_LEN} characters"),
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(ConfigError::new(
+            at,
+            format!("{id:?} may only hold letters, digits, '_', '-' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+fn compile_match(at: &str, m: RawMatch) -> Result<Matcher, ConfigError> {
+    let p = &m.path;
+    if p.len() > MAX_PATH_LEN {
+        return Err(ConfigError::new(
+            format!("{at}.path"),
+            format!("longer than {MAX_PATH_LEN} bytes"),
+        ));
+    }
+    let path = if p == "*" {
+        PathMatch::Prefix(String::new())
+    } else if !p.starts_with('/') {
+        return Err(ConfigError::new(
+            format!("{at}.path"),
+            format!("{p:?} must start with '/' (or be \"*\")"),
+        ));
+    } else if let Some(prefix) = p.strip_suffix('*') {
+        if prefix.contains('*') {
+            return Err(ConfigError::new(
+                format!("{at}.path"),
+                format!("{p:?}: '*' is only allowed once, at the end"),
+            ));
+        }
+        PathMatch::Prefix(prefix.to_string())
+    } else if p.contains('*') {
+        return Err(ConfigError::new(
+            format!("{at}.path"),
+            format!("{p:?}: '*' is only allowed at the end"),
+        ));
+    } else {
+        PathMatch::Exact(p.clone())
+    };
+    let mut methods = Vec::new();
+    if let Some(ms) = m.methods {
+        if ms.is_empty() || ms.len() > MAX_METHODS {
+            return Err(ConfigError::new(
+                format!("{at}.methods"),
+                format!("must list 1..={MAX_METHODS} methods (or be left out for any)"),
+            ));
+        }
+        for (k, method) in ms.iter().enumerate() {
+            if method.is_empty() || method.len() > 32 || !method.bytes().all(is_token_byte) {
+                return Err(ConfigError::new(
+                    format!("{at}.methods[{k}]"),
+                    format!("{method:?} is not an HTTP method"),
+                ));
+            }
+            methods.push(method.to_ascii_uppercase());
+        }
+    }
+    let mut headers = Vec::new();
+    if let Some(hs) = m.headers {
+        if hs.len() > MAX_HEADER_MATCHES {
+            return Err(ConfigError::new(
+                format!("{at}.headers"),
+                format!("{} header matches, at most {MAX_HEADER_MATCHES}", hs.len()),
+            ));
+        }
+        for (name, value) in hs {
+            if name.is_empty() || name.len() > 128 || !name.bytes().all(is_token_byte) {
+                return Err(ConfigError::new(
+                    format!("{at}.headers.{name}"),
+                    "not a valid header name",
+                ));
+            }
+            headers.push((name.to_ascii_lowercase(), value));
+        }
+    }
+    Ok(Matcher {
+        path,
+        methods,
+        headers,
+    })
+}
+
+fn parse_key_source(at: &str, s: &str) -> Result<KeySource, ConfigError> {
+    if s == "ip" {
+        return Ok(KeySource::Ip);
+    }
+    if let Some(name) = s.strip_prefix("header:") {
+        if name.is_empty() || name.len() > 128 || !name.bytes().all(is_token_byte) {
+            return Err(ConfigError::new(
+                at,
+                format!("{s:?}: not a valid header name"),
+            ));
+        }
+        return Ok(KeySource::Header(name.to_ascii_lowercase()));
+    }
+    Err(ConfigError::new(
+        at,
+        format!("unknown key source {s:?}: expected \"header:<name>\" or \"ip\""),
+    ))
+}
+
+fn compile_limit(at: &str, l: &RawLimit) -> Result<Limit, ConfigError> {
+    let window_secs =
+        parse_window(&l.window).map_err(|r| ConfigError::new(format!("{at}.window"), r))?;
+    if l.max == 0 || l.max > MAX_COUNT {
+        return Err(ConfigError::new(
+            format!("{at}.max"),
+            format!("{} is out of range 1..={MAX_COUNT}", l.max),
+        ));
+    }
+    let burst = l.burst.unwrap_or(l.max);
+    if burst == 0 || burst > MAX_COUNT {
+        return Err(ConfigError::new(
+            format!("{at}.burst"),
+            format!("{burst} is out of range 1..={MAX_COUNT}"),
+        ));
+    }
+    Limit::new(window_secs, l.max, burst).ok_or_else(|| {
+        ConfigError::new(
+            format!("{at}.burst"),
+            "burst × (window / max) does not fit in 64-bit nanoseconds",
+        )
+    })
+}
+
+/// `"30s"`, `"1m"`, `"2h"`, `"1d"` → seconds.
+pub fn parse_window(w: &str) -> Result<u64, String> {
+    let bad = || format!("{w:?} is not a window: expected <N>s, <N>m, <N>h or <N>d, N ≥ 1");
+    if w.len() < 2 || w.len() > 12 {
+        return Err(bad());
+    }
+    let (num, unit) = w.split_at(w.len() - 1);
+    if !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(unit_secs).ok_or_else(bad)?;
+    if secs == 0 {
+        return Err(bad());
+    }
+    if secs > MAX_WINDOW_SECS {
+        return Err(format!("{w:?} is longer than the longest window, 366d"));
+    }
+    Ok(secs)
+}
+
+fn is_token_byte(b: u8) -> bool {
+    // RFC 9110 tchar.
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,149 @@
+//! Response header values and the 429 body, formatted into stack buffers so the request
+//! path allocates nothing for them.
+//!
+//! - `X-RateLimit-Limit` / `-Remaining` / `-Reset` as in the seed design; Reset is a Unix
+//!   epoch in seconds (when the limit is full again).
+//! - `RateLimit-Policy` and `RateLimit` as in draft-ietf-httpapi-ratelimit-headers-10:
+//!   `RateLimit-Policy: "api_default-1s";q=10;w=1, "api_default-1m";q=100;w=60` and
+//!   `RateLimit: "api_default-1s";r=7;t=1` (r = remaining, t = seconds until full).
+//! - `Retry-After`: whole seconds until a token is back, at least 1.
+
+use core::fmt::{self, Write};
+
+use crate::config::{Limit, Rule};
+
+pub const NANOS: u64 = 1_000_000_000;
+
+/// A fixed-capacity string on the stack. Writes past capacity are cut off (and
+/// reported as a `fmt::Error`), never reallocated.
+pub struct StackStr<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackStr<N> {
+    pub fn new() -> Self {
+        StackStr {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever appended, and a cut never splits a char because
+        // everything written here is ASCII.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> Default for StackStr<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Write for StackStr<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = N - self.len;
+        if s.len() > room {
+            return Err(fmt::Error);
+        }
+        self.buf[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
+        self.len += s.len();
+        Ok(())
+    }
+}
+
+/// Whole seconds, rounded up.
+pub fn ceil_secs(ns: u64) -> u64 {
+    ns.div_ceil(NANOS)
+}
+
+/// `Retry-After` seconds for a wait of `retry_ns`: rounded up, at least 1.
+pub fn retry_after_secs(retry_ns: u64) -> u64 {
+    ceil_secs(retry_ns).max(1)
+}
+
+/// `X-RateLimit-Reset`: the epoch second at which the limit is full again.
+pub fn reset_epoch_secs(now_ns: u64, reset_ns: u64) -> u64 {
+    ceil_secs(now_ns.saturating_add(reset_ns))
+}
+
+/// Writes a window as the config spells it in its largest exact unit (`60` → `1m`).
+pub fn write_window<W: Write>(w: &mut W, secs: u64) -> fmt::Result {
+    if secs % 86_400 == 0 {
+        write!(w, "{}d", secs / 86_400)
+    } else if secs % 3600 == 0 {
+        write!(w, "{}h", secs / 3600)
+    } else if secs % 60 == 0 {
+        write!(w, "{}m", secs / 60)
+    } else {
+        write!(w, "{secs}s")
+    }
+}
+
+/// The policy name of a limit: `<rule id>-<window>`.
+pub fn write_policy_name<W: Write>(w: &mut W, rule_id: &str, limit: &Limit) -> fmt::Result {
+    w.write_str(rule_id)?;
+    w.write_char('-')?;
+    write_window(w, limit.window_secs)
+}
+
+/// The `RateLimit-Policy` value of a rule: fixed per rule, so built once at configure.
+pub fn policy_header(rule: &Rule) -> String {
+    let mut s = String::new();
+    for (i, l) in rule.limits.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('"');
+        let _ = write_policy_name(&mut s, &rule.id, l);
+        let _ = write!(s, "\";q={};w={}", l.max, l.window_secs);
+    }
+    s
+}
+
+/// Long enough for `"<64-char id>-<window>";r=<u64>;t=<u64>`.
+pub type RateLimitValue = StackStr<128>;
+
+/// The `RateLimit` value: the tightest limit's remaining tokens and seconds until full.
+pub fn ratelimit_header(
+    rule_id: &str,
+    limit: &Limit,
+    remaining: u64,
+    reset_ns: u64,
+) -> RateLimitValue {
+    let mut s = RateLimitValue::new();
+    let _ = s.write_char('"');
+    let _ = write_policy_name(&mut s, rule_id, limit);
+    let _ = write!(s, "\";r={};t={}", remaining, ceil_secs(reset_ns));
+    s
+}
+
+/// Long enough for the body with a 64-char rule id.
+pub type BodyValue = StackStr<160>;
+
+/// The 429 body: `{"error":"rate_limited","rule":"<id>","retry_after":N}`. Rule ids are
+/// restricted to `[A-Za-z0-9_.-]` by the config, so they need no JSON escaping.
+pub fn rejection_body(rule_id: &str, retry_after_secs: u64) -> BodyValue {
+    let mut s = BodyValue::new();
+    let _ = write!(
+        s,
+        "{{\"error\":\"rate_limited\",\"rule\":\"{rule_id}\",\"retry_after\":{retry_after_secs}}}"
+    );
+    s
+}
+
+/// Decimal digits of a number, on the stack.
+pub type Num = StackStr<20>;
+
+pub fn num(v: u64) -> Num {
+    let mut s = Num::new();
+    let _ = write!(s, "{v}");
+    s
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,22 @@
+//! The pure core of meshlimit: everything the filter and the companion service decide,
+//! with no host calls, so it is unit-tested natively and (with `wasm-bindgen-test`)
+//! inside wasm.
+//!
+//! - [`config`]: the plugin configuration (JSON), validated with field paths in errors.
+//! - [`matching`]: which rule a request falls under, and where its client id comes from.
+//! - [`gcra`]: token buckets as GCRA (one timestamp per limit), multi-limit all-or-nothing.
+//! - [`slots`]: the fixed-size table of bucket entries kept in Envoy shared data.
+//! - [`headers`]: `X-RateLimit-*`, IETF `RateLimit`/`RateLimit-Policy`, `Retry-After`, 429 body.
+//! - [`hash`]: a stable 64-bit hash for client ids (the same in every VM and process).
+//! - [`protocol`]: the filter ⇄ companion wire types (`/v1/sync`, `/rate-limit/check`).
+
+pub mod config;
+pub mod gcra;
+pub mod hash;
+pub mod headers;
+pub mod matching;
+pub mod protocol;
+pub mod slots;
+
+#[cfg(all(test, target_arch = "wasm32"))]
+mod wasm_tests;

@@ -1,0 +1,269 @@
+//! The wire protocol between the filter and the companion service: one set of types,
+//! used by both sides, so they cannot drift.
+//!
+//! `POST /v1/sync` carries a proxy's batched report: per (rule, client key, window),
+//! what it admitted and rejected since its last report, with the limit itself (window,
+//! max, burst) so the filter's configuration stays the one source of truth for the
+//! limits it enforces. The answer gives, per entry, the global state and this proxy's
+//! share (`weight`) of the limit, valid for `ttl_ms`.
+//!
+//! `POST /rate-limit/check` is the seed's synchronous check against the companion's own
+//! rules file.
+//!
+//! Client keys on the wire are fingerprints (16 hex digits of [`crate::hash`]), never raw
+//! API keys; the companion hashes them once more before they become Redis keys.
+
+use serde::{Deserialize, Serialize};
+
+/// Most entries one sync may carry.
+pub const MAX_SYNC_ENTRIES: usize = 10_000;
+/// Largest request body the companion reads.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Longest client id accepted by `/rate-limit/check`.
+pub const MAX_CLIENT_ID_LEN: usize = 1024;
+/// Most hits one check or report may claim.
+pub const MAX_HITS: u64 = 1_000_000;
+pub const MAX_PROXY_ID_LEN: usize = 128;
+pub const MAX_ZONE_LEN: usize = 64;
+pub const MAX_KEY_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    /// Stable id of the reporting Envoy (e.g. pod name).
+    pub proxy_id: String,
+    /// Its availability zone, for metrics and zone-aware shares.
+    #[serde(default)]
+    pub zone: String,
+    /// Milliseconds of traffic this report covers (durations, not timestamps: proxy
+    /// clocks may disagree; the companion times everything on the store's clock).
+    pub span_ms: u64,
+    pub entries: Vec<SyncEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncEntry {
+    pub rule: String,
+    /// Client fingerprint, 16 lower-case hex digits.
+    pub key: String,
+    pub window_secs: u64,
+    pub max: u64,
+    /// Bucket capacity; `max` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    /// Requests this proxy admitted for the key since its last report.
+    pub admitted: u64,
+    /// Requests this proxy rejected for the key since its last report (demand signal).
+    #[serde(default)]
+    pub rejected: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncResponse {
+    /// One per request entry, in the same order.
+    pub entries: Vec<SyncGrant>,
+    /// How long the weights stay valid; past it the filter falls back to its fair share.
+    pub ttl_ms: u64,
+    /// True while the companion answers from its local fallback (store unreachable).
+    #[serde(default)]
+    pub degraded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncGrant {
+    pub rule: String,
+    pub key: String,
+    pub window_secs: u64,
+    /// This proxy's share of the limit, in `0.0..=1.0`; the shares of all proxies for one
+    /// key sum to at most 1.
+    pub weight: f64,
+    /// Requests admitted globally (all proxies) in the current window.
+    pub used: u64,
+    /// What is left of the limit globally.
+    pub remaining: u64,
+    /// Unix epoch second when the window's count is back to zero.
+    pub reset_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    pub client_id: String,
+    pub rule_id: String,
+    /// Requests to count, default 1.
+    #[serde(default)]
+    pub hits: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResponse {
+    pub allowed: bool,
+    pub remaining: u64,
+    /// Unix epoch second when the tightest limit is full again.
+    pub reset_at: u64,
+    /// `max` of the tightest limit.
+    pub limit: u64,
+    /// Seconds until a retry can succeed; only on refusals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+/// Every 4xx/5xx body of the companion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Short machine-readable code, e.g. `bad_request`, `unknown_rule`, `unauthorized`.
+    pub error: String,
+    /// What was wrong, naming the field.
+    pub detail: String,
+}
+
+impl SyncRequest {
+    /// Bounds and shapes of a report; the first problem found, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.proxy_id.is_empty() || self.proxy_id.len() > MAX_PROXY_ID_LEN {
+            return Err(format!("proxy_id: must be 1..={MAX_PROXY_ID_LEN} bytes"));
+        }
+        if self.zone.len() > MAX_ZONE_LEN {
+            return Err(format!("zone: longer than {MAX_ZONE_LEN} bytes"));
+        }
+        if self.entries.len() > MAX_SYNC_ENTRIES {
+            return Err(format!(
+                "entries: {} entries, at most {MAX_SYNC_ENTRIES}",
+                self.entries.len()
+            ));
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            e.validate().map_err(|m| format!("entries[{i}].{m}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl SyncEntry {
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::config::{Limit, MAX_COUNT, MAX_WINDOW_SECS};
+        if self.rule.is_empty() || self.rule.len() > crate::config::MAX_ID_LEN {
+            return Err("rule: must be 1..=64 bytes".into());
+        }
+        if self.key.is_empty() || self.key.len() > MAX_KEY_LEN {
+            return Err(format!("key: must be 1..={MAX_KEY_LEN} bytes"));
+        }
+        if self.window_secs == 0 || self.window_secs > MAX_WINDOW_SECS {
+            return Err(format!("window_secs: out of range 1..={MAX_WINDOW_SECS}"));
+        }
+        if self.max == 0 || self.max > MAX_COUNT {
+            return Err(format!("max: out of range 1..={MAX_COUNT}"));
+        }
+        if let Some(b) = self.burst {
+            if b == 0 || b > MAX_COUNT {
+                return Err(format!("burst: out of range 1..={MAX_COUNT}"));
+            }
+        }
+        if Limit::new(self.window_secs, self.max, self.burst.unwrap_or(self.max)).is_none() {
+            return Err("burst: too large for the window".into());
+        }
+        if self.admitted > MAX_HITS || self.rejected > MAX_HITS {
+            return Err(format!("admitted/rejected: at most {MAX_HITS} per report"));
+        }
+        Ok(())
+    }
+
+    pub fn limit(&self) -> crate::config::Limit {
+        // validate() has checked that this is a valid limit.
+        crate::config::Limit::new(self.window_secs, self.max, self.burst.unwrap_or(self.max))
+            .unwrap_or(crate::config::Limit {
+                window_secs: 1,
+                max: 1,
+                burst: 1,
+                interval_ns: 1_000_000_000,
+                depth_ns: 1_000_000_000,
+            })
+    }
+}
+
+impl CheckRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.client_id.is_empty() || self.client_id.len() > MAX_CLIENT_ID_LEN {
+            return Err(format!("client_id: must be 1..={MAX_CLIENT_ID_LEN} bytes"));
+        }
+        if self.rule_id.is_empty() || self.rule_id.len() > crate::config::MAX_ID_LEN {
+            return Err("rule_id: must be 1..=64 bytes".into());
+        }
+        if let Some(h) = self.hits {
+            if h == 0 || h > MAX_HITS {
+                return Err(format!("hits: out of range 1..={MAX_HITS}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_round_trip_and_bounds() {
+        let req = SyncRequest {
+            proxy_id: "envoy-a".into(),
+            zone: "az1".into(),
+            span_ms: 1000,
+            entries: vec![SyncEntry {
+                rule: "api".into(),
+                key: "00ff00ff00ff00ff".into(),
+                window_secs: 60,
+                max: 100,
+                burst: None,
+                admitted: 7,
+                rejected: 1,
+            }],
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        let back: SyncRequest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, req);
+        assert!(req.validate().is_ok());
+
+        let mut bad = req.clone();
+        bad.entries[0].max = 0;
+        assert_eq!(
+            bad.validate().unwrap_err(),
+            "entries[0].max: out of range 1..=1000000000"
+        );
+        let mut bad = req.clone();
+        bad.entries = vec![req.entries[0].clone(); MAX_SYNC_ENTRIES + 1];
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .starts_with("entries: 10001 entries"));
+        let unknown = r#"{"proxy_id":"a","span_ms":1,"entries":[],"extra":1}"#;
+        assert!(serde_json::from_str::<SyncRequest>(unknown).is_err());
+    }
+
+    #[test]
+    fn check_bounds() {
+        let ok = CheckRequest {
+            client_id: "u".into(),
+            rule_id: "r".into(),
+            hits: None,
+        };
+        assert!(ok.validate().is_ok());
+        let huge = CheckRequest {
+            hits: Some(MAX_HITS + 1),
+            ..ok.clone()
+        };
+        assert!(huge.validate().unwrap_err().starts_with("hits:"));
+        let long = CheckRequest {
+            client_id: "x".repeat(MAX_CLIENT_ID_LEN + 1),
+            ..ok
+        };
+        assert!(long.validate().unwrap_err().starts_with("client_id:"));
+        // Negative hits are a type error at parse time.
+        assert!(serde_json::from_str::<CheckRequest>(
+            r#"{"client_id":"a","rule_id":"b","hits":-1}"#
+        )
+        .is_err());
+    }
+}
