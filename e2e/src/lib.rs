@@ -1,1 +1,58 @@
+//! End-to-end harness for meshlimit: a real Envoy (from `scripts/install-envoy.sh`)
+//! running the real filter wasm, in front of an in-process demo upstream, driven by a
+//! small HTTP client that can send any bytes.
+//!
+//! ```no_run
+//! use meshlimit_e2e::*;
+//! let upstream = Upstream::start();
+//! let envoy = Envoy::start(r#"{"rules":[{"id":"api","match":{"path":"/api/*"},
+//!     "limits":[{"window":"1m","max":5}]}]}"#, &upstream);
+//! let resp = envoy.send(&Request::get("/api/x").header("x-api-key", "k"));
+//! assert_eq!(resp.status, 200);
+//! assert_eq!(upstream.hits(), 1);
+//! ```
 
+use std::path::PathBuf;
+
+pub mod client;
+pub mod envoy;
+pub mod upstream;
+
+pub use client::{send_concurrent, send_raw, send_raw_bytes, Client, Request, Response};
+pub use envoy::{free_port, Envoy, EnvoyOptions};
+pub use upstream::Upstream;
+
+/// The repository root (the workspace directory holding `e2e/`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e has a parent directory")
+        .to_path_buf()
+}
+
+/// `$ENVOY_BIN`, else `.tools/bin/envoy`; panics when neither exists.
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools/bin/envoy"));
+    assert!(
+        path.is_file(),
+        "no Envoy binary at {}: run scripts/install-envoy.sh (or set ENVOY_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// `$MESHLIMIT_WASM`, else the release build of the filter; panics when missing.
+pub fn filter_wasm() -> PathBuf {
+    let path = std::env::var_os("MESHLIMIT_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip1/release/meshlimit_filter.wasm"));
+    assert!(
+        path.is_file(),
+        "no filter wasm at {}: build it with `cargo build --release --target wasm32-wasip1 \
+         -p meshlimit-filter` (or set MESHLIMIT_WASM)",
+        path.display()
+    );
+    path
+}

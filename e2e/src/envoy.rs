@@ -1,0 +1,502 @@
+//! A real Envoy process per test: generated bootstrap, free ports, readiness polling,
+//! admin helpers, killed with its process group on Drop.
+
+use std::fs::{self, File};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::client::{read_response, Client, Request, Response};
+use crate::upstream::Upstream;
+
+/// Envoy compiles the wasm module with V8 once per VM; a cold start takes a few seconds.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A change applied to the generated bootstrap before Envoy starts.
+pub type Tweak = Arc<dyn Fn(&mut Value) + Send + Sync>;
+
+/// How to start Envoy. [`EnvoyOptions::new`] gives the usual set-up: the meshlimit filter
+/// with the given plugin configuration, `--concurrency 2`, routing to a direct response
+/// unless [`EnvoyOptions::upstream`] is set.
+#[derive(Clone)]
+pub struct EnvoyOptions {
+    /// The filter's plugin configuration (JSON text); `None` leaves the filter out.
+    pub plugin_config: Option<String>,
+    /// The wasm module; default [`crate::filter_wasm`].
+    pub wasm: Option<PathBuf>,
+    pub concurrency: u32,
+    /// Route everything to the cluster `demo_upstream` at this port.
+    pub upstream_port: Option<u16>,
+    /// When there is no upstream, the route answers this status and body itself.
+    pub direct_response: (u16, String),
+    /// Extra STATIC HTTP/1.1 clusters on 127.0.0.1: (name, port).
+    pub clusters: Vec<(String, u16)>,
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    /// The wasm plugin's `failure_policy` (e.g. "FAIL_OPEN"); Envoy's default when None.
+    pub failure_policy: Option<String>,
+    /// `--component-log-level wasm:debug`, so the filter's debug logs reach the log.
+    pub wasm_debug: bool,
+    /// Last-word edits of the bootstrap JSON, for anything the fields do not cover.
+    pub tweaks: Vec<Tweak>,
+}
+
+impl EnvoyOptions {
+    pub fn new(plugin_config: &str) -> EnvoyOptions {
+        EnvoyOptions {
+            plugin_config: Some(plugin_config.to_owned()),
+            ..EnvoyOptions::without_filter()
+        }
+    }
+
+    /// Envoy without the wasm filter (a baseline).
+    pub fn without_filter() -> EnvoyOptions {
+        EnvoyOptions {
+            plugin_config: None,
+            wasm: None,
+            concurrency: 2,
+            upstream_port: None,
+            direct_response: (200, "direct".to_owned()),
+            clusters: Vec::new(),
+            use_remote_address: false,
+            xff_num_trusted_hops: 0,
+            failure_policy: None,
+            wasm_debug: false,
+            tweaks: Vec::new(),
+        }
+    }
+
+    pub fn upstream(mut self, upstream: &Upstream) -> Self {
+        self.upstream_port = Some(upstream.port);
+        self
+    }
+
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    pub fn cluster(mut self, name: &str, port: u16) -> Self {
+        self.clusters.push((name.to_owned(), port));
+        self
+    }
+
+    pub fn use_remote_address(mut self, on: bool) -> Self {
+        self.use_remote_address = on;
+        self
+    }
+
+    pub fn xff_num_trusted_hops(mut self, hops: u32) -> Self {
+        self.xff_num_trusted_hops = hops;
+        self
+    }
+
+    pub fn direct_response(mut self, status: u16, body: &str) -> Self {
+        self.upstream_port = None;
+        self.direct_response = (status, body.to_owned());
+        self
+    }
+
+    pub fn failure_policy(mut self, policy: &str) -> Self {
+        self.failure_policy = Some(policy.to_owned());
+        self
+    }
+
+    pub fn wasm(mut self, path: impl Into<PathBuf>) -> Self {
+        self.wasm = Some(path.into());
+        self
+    }
+
+    pub fn wasm_debug(mut self) -> Self {
+        self.wasm_debug = true;
+        self
+    }
+
+    pub fn tweak(mut self, f: impl Fn(&mut Value) + Send + Sync + 'static) -> Self {
+        self.tweaks.push(Arc::new(f));
+        self
+    }
+
+    /// The Envoy bootstrap for these options, listening on `port` with admin on `admin_port`.
+    pub fn bootstrap(&self, port: u16, admin_port: u16) -> Value {
+        let mut http_filters = Vec::new();
+        if let Some(plugin_config) = &self.plugin_config {
+            let wasm = self.wasm.clone().unwrap_or_else(crate::filter_wasm);
+            http_filters.push(wasm_filter(
+                plugin_config,
+                &wasm,
+                self.failure_policy.as_deref(),
+            ));
+        }
+        http_filters.push(json!({
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+        }));
+        let route = match self.upstream_port {
+            Some(_) => json!({"match": {"prefix": "/"}, "route": {"cluster": "demo_upstream"}}),
+            None => json!({"match": {"prefix": "/"}, "direct_response": {
+                "status": self.direct_response.0,
+                "body": {"inline_string": self.direct_response.1},
+            }}),
+        };
+        let mut clusters: Vec<Value> = self
+            .clusters
+            .iter()
+            .map(|(name, port)| static_cluster(name, *port))
+            .collect();
+        if let Some(p) = self.upstream_port {
+            clusters.push(static_cluster("demo_upstream", p));
+        }
+        let mut bootstrap = json!({
+            "admin": {"address": socket_address(admin_port)},
+            "static_resources": {
+                "listeners": [{
+                    "name": "main",
+                    "address": socket_address(port),
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "ingress",
+                            "codec_type": "AUTO",
+                            "use_remote_address": self.use_remote_address,
+                            "xff_num_trusted_hops": self.xff_num_trusted_hops,
+                            "route_config": {"name": "local", "virtual_hosts": [{
+                                "name": "all", "domains": ["*"], "routes": [route],
+                            }]},
+                            "http_filters": http_filters,
+                        }
+                    }]}]
+                }],
+                "clusters": clusters,
+            }
+        });
+        for tweak in &self.tweaks {
+            tweak(&mut bootstrap);
+        }
+        bootstrap
+    }
+}
+
+/// The `envoy.filters.http.wasm` entry: V8, vm_id and root_id `meshlimit`, the plugin
+/// configuration as a StringValue (exactly what Istio sends for a WasmPlugin).
+pub fn wasm_filter(plugin_config: &str, wasm: &Path, failure_policy: Option<&str>) -> Value {
+    let mut config = json!({
+        "name": "meshlimit",
+        "root_id": "meshlimit",
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": plugin_config,
+        },
+        "vm_config": {
+            "vm_id": "meshlimit",
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": wasm.to_string_lossy()}},
+        },
+    });
+    if let Some(policy) = failure_policy {
+        config["failure_policy"] = json!(policy);
+    }
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": config,
+        }
+    })
+}
+
+fn socket_address(port: u16) -> Value {
+    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+}
+
+fn static_cluster(name: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": socket_address(port)}}
+        ]}]},
+    })
+}
+
+/// A port the kernel just handed out. Another process could take it before Envoy binds
+/// it; that shows up as a start failure naming the address.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// A running Envoy. Killed (with its process group) on Drop; its temp dir (config and
+/// log) is removed then, unless the test is panicking, so a failure can be inspected.
+pub struct Envoy {
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Envoy {
+    /// The filter with `plugin_config`, in front of `upstream`; panics with Envoy's log
+    /// if it does not become ready.
+    pub fn start(plugin_config: &str, upstream: &Upstream) -> Envoy {
+        Envoy::start_with(EnvoyOptions::new(plugin_config).upstream(upstream))
+    }
+
+    pub fn start_with(opts: EnvoyOptions) -> Envoy {
+        Envoy::try_start_with(opts)
+            .unwrap_or_else(|log| panic!("Envoy did not become ready. Its log:\n{log}"))
+    }
+
+    /// Like [`Envoy::start`], but returns Envoy's log when it exits or never becomes
+    /// ready (e.g. the filter refused its configuration).
+    pub fn try_start(plugin_config: &str, upstream: &Upstream) -> Result<Envoy, String> {
+        Envoy::try_start_with(EnvoyOptions::new(plugin_config).upstream(upstream))
+    }
+
+    pub fn try_start_with(opts: EnvoyOptions) -> Result<Envoy, String> {
+        let port = free_port();
+        let admin_port = free_port();
+        let bootstrap = opts.bootstrap(port, admin_port);
+        let mut log_level = vec!["--log-level", "info"];
+        if opts.wasm_debug {
+            log_level.extend(["--component-log-level", "wasm:debug"]);
+        }
+        Envoy::try_start_bootstrap(&bootstrap, port, admin_port, opts.concurrency, &log_level)
+    }
+
+    /// Starts Envoy on a bootstrap built elsewhere, which must listen on 127.0.0.1:`port`
+    /// with admin on 127.0.0.1:`admin_port`.
+    pub fn try_start_bootstrap(
+        bootstrap: &Value,
+        port: u16,
+        admin_port: u16,
+        concurrency: u32,
+        extra_args: &[&str],
+    ) -> Result<Envoy, String> {
+        let dir = new_temp_dir();
+        let config_path = dir.join("envoy.json");
+        fs::write(&config_path, serde_json::to_vec_pretty(bootstrap).unwrap())
+            .expect("write envoy config");
+        let log = File::create(dir.join("envoy.log")).expect("create envoy log");
+        let mut cmd = Command::new(crate::envoy_bin());
+        cmd.arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &concurrency.to_string()])
+            // No hot-restart shared memory, so several Envoys can run side by side.
+            .arg("--disable-hot-restart")
+            .args(extra_args)
+            .current_dir(crate::repo_root())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            // Its own process group: a terminal's job control signals never reach it,
+            // and Drop kills the whole group.
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // If the test process dies without running Drop, Envoy dies with it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = spawn_from_keeper(cmd).map_err(|e| format!("cannot spawn envoy: {e}"))?;
+        let mut envoy = Envoy {
+            port,
+            admin_port,
+            dir,
+            child: Some(child),
+        };
+        match envoy.wait_ready() {
+            Ok(()) => Ok(envoy),
+            Err(why) => {
+                envoy.kill();
+                Err(format!("{why}\n{}", envoy.log()))
+            }
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return Err(format!("envoy exited during start-up ({status})"));
+            }
+            // LIVE on /ready means the listeners are in place and the workers run.
+            // A connect to the listener (no request: that would go through the filter
+            // and spend a token) confirms it accepts.
+            let live = matches!(self.try_admin("/ready"), Ok((200, body)) if body.trim() == "LIVE");
+            if live && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("envoy not ready after {READY_TIMEOUT:?}"));
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// `http://127.0.0.1:<port><path>` for the listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// A keep-alive client to the listener.
+    pub fn client(&self) -> Client {
+        Client::new(self.port)
+    }
+
+    /// One request on a new connection.
+    pub fn send(&self, req: &Request) -> Response {
+        self.client().send(req)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.send(&Request::get(path))
+    }
+
+    /// Everything Envoy wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle`; false after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET on the admin interface: (status, body). Panics if the admin does not answer.
+    pub fn admin(&self, path: &str) -> (u16, String) {
+        self.try_admin(path)
+            .unwrap_or_else(|e| panic!("admin {path}: {e}"))
+    }
+
+    fn try_admin(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.admin_port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes())?;
+        let resp = read_response(&mut BufReader::new(stream), false)?;
+        Ok((resp.status, resp.body_str()))
+    }
+
+    /// `/stats/prometheus`: the filter's metrics appear as `meshlimit_*`.
+    pub fn stats_prometheus(&self) -> String {
+        self.admin("/stats/prometheus").1
+    }
+
+    /// The value of a counter or gauge by its Envoy stat name, e.g.
+    /// `http.ingress.downstream_rq_2xx`. Custom wasm metrics live under `wasmcustom.`
+    /// in Envoy; the bare name (`meshlimit_requests_total`) is looked up there too.
+    /// Tagged metrics (names with tags) are matched on their flattened stat name.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let stats = self.admin("/stats").1;
+        let custom = format!("wasmcustom.{name}");
+        stats.lines().find_map(|line| {
+            let (n, v) = line.split_once(": ")?;
+            (n == name || n == custom).then(|| v.trim().parse().ok())?
+        })
+    }
+
+    /// Bytes allocated by Envoy's heap (admin `/memory`, tcmalloc's `allocated`).
+    pub fn memory_allocated(&self) -> u64 {
+        let body = self.admin("/memory").1;
+        let v: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("admin /memory is not JSON ({e}): {body}"));
+        // Envoy renders 64-bit integers as JSON strings.
+        match &v["allocated"] {
+            Value::String(s) => s.parse().expect("allocated is a number"),
+            Value::Number(n) => n.as_u64().expect("allocated is a number"),
+            other => panic!("no allocated in /memory: {other}"),
+        }
+    }
+
+    /// Whether the Envoy process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain syscall; the group id is Envoy's pid (process_group(0)).
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("envoy config and log kept in {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn new_temp_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "meshlimit-e2e-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns from one thread that lives as long as the process. PR_SET_PDEATHSIG fires when
+/// the *thread* that forked exits, and test threads end after each test; a keeper thread
+/// means Envoy dies with the process, not with whichever test started it.
+fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("envoy-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawn keeper thread");
+        Mutex::new(tx)
+    });
+    let (reply, result) = mpsc::channel();
+    keeper.lock().unwrap().send((cmd, reply)).unwrap();
+    result.recv().unwrap()
+}
