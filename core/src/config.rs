@@ -231,8 +231,8 @@ pub struct Config {
     /// `None`: the client ip is the downstream address. `Some(n)`: the n-th address from
     /// the right of `x-forwarded-for` (1 = the one the nearest proxy appended).
     pub xff_hop: Option<u32>,
-    /// Bucket entries kept in shared data (a power of two); see [`crate::slots`].
-    pub slots: u32,
+    /// Sets of bucket entries kept in shared data (a power of two); see [`crate::slots`].
+    pub sets: u32,
 }
 
 pub fn default_key() -> Vec<KeySource> {
@@ -318,7 +318,7 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         rules,
         headers: raw.headers.unwrap_or_default(),
         xff_hop: raw.xff_hop,
-        slots: max_clients.next_power_of_two() as u32,
+        sets: crate::slots::sets_for(max_clients),
     })
 }
 

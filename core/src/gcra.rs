@@ -29,14 +29,18 @@ pub struct Decision {
     /// Rejected: nanoseconds from `now` until every limit has the tokens asked for.
     /// Allowed: 0.
     pub retry_after_ns: u64,
+    /// `tats` changed and must be written back: always when allowed; on a refusal only
+    /// when a timestamp was clamped after the clock went backwards.
+    pub changed: bool,
 }
 
 /// Checks `hits` against every limit; on success advances `tats` in place, on refusal
 /// leaves them untouched (a rejection changes no state, so it needs no write).
 ///
 /// `now` may go backwards (clock adjustments): a `tat` more than one bucket depth ahead
-/// of `now` is clamped to `now + τ`, so a backward jump can never lock a client out for
-/// longer than one empty bucket takes to refill.
+/// of `now` is clamped to `now + τ` (and that clamp is kept, even on a refusal), so a
+/// backward jump can never lock a client out for longer than one empty bucket takes to
+/// refill.
 pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decision {
     debug_assert_eq!(limits.len(), tats.len());
     let mut allowed = true;
@@ -44,18 +48,21 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
     let mut tightest = 0usize;
     let mut best: Option<(u64, u64)> = None; // (remaining, reset_ns) of tightest
     let mut next = [0u64; crate::config::MAX_LIMITS_PER_RULE];
+    let mut clamped = false;
 
     for (i, (limit, &tat)) in limits.iter().zip(tats.iter()).enumerate() {
         let horizon = now.saturating_add(limit.depth_ns);
+        clamped |= tat > horizon;
         let tat = tat.min(horizon);
         let start = tat.max(now);
         let cost = limit.interval_ns.saturating_mul(hits);
         let new_tat = start.saturating_add(cost);
-        let ok = new_tat <= horizon;
+        // `cost > depth` can never fit, even where saturation at u64::MAX would hide it.
+        let ok = cost <= limit.depth_ns && new_tat <= horizon;
         let (remaining, after) = if ok {
             ((horizon - new_tat) / limit.interval_ns, new_tat)
         } else {
-            let wait = new_tat - horizon;
+            let wait = new_tat.saturating_sub(horizon);
             retry_after_ns = retry_after_ns.max(wait);
             allowed = false;
             ((horizon - start) / limit.interval_ns, start)
@@ -74,6 +81,10 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
     if allowed {
         tats.copy_from_slice(&next[..tats.len()]);
         retry_after_ns = 0;
+    } else if clamped {
+        for (t, l) in tats.iter_mut().zip(limits) {
+            *t = (*t).min(now.saturating_add(l.depth_ns));
+        }
     }
     let (remaining, reset_ns) = best.unwrap_or((0, 0));
     Decision {
@@ -82,6 +93,7 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
         remaining,
         reset_ns,
         retry_after_ns,
+        changed: allowed || clamped,
     }
 }
 

@@ -23,26 +23,48 @@ pub fn path_matches(m: &PathMatch, path: &[u8]) -> bool {
     }
 }
 
-/// The first rule (in priority order) that matches. `header(name)` returns the
-/// request header `name` (lower-case) or `None`.
-pub fn find_rule<'r, H>(
-    rules: &'r [Rule],
-    path: &[u8],
-    method: &[u8],
-    mut header: H,
-) -> Option<usize>
+/// The first rule (in priority order) that matches. `method()` returns the request
+/// method and `header(name)` a request header (lower-case name); both are called only
+/// when some rule needs them, and `method()` at most once.
+pub fn find_rule<M, H>(rules: &[Rule], path: &[u8], method: M, mut header: H) -> Option<usize>
 where
+    M: FnOnce() -> Option<Vec<u8>>,
     H: FnMut(&str) -> Option<Vec<u8>>,
 {
     let path = path_only(path);
+    let mut method = Lazy::new(method);
     rules.iter().position(|rule| {
         let m = &rule.matcher;
         path_matches(&m.path, path)
-            && (m.methods.is_empty() || m.methods.iter().any(|x| x.as_bytes() == method))
+            && (m.methods.is_empty()
+                || method
+                    .get()
+                    .is_some_and(|got| m.methods.iter().any(|x| x.as_bytes() == got)))
             && m.headers
                 .iter()
                 .all(|(name, value)| header(name).is_some_and(|v| v == value.as_bytes()))
     })
+}
+
+/// A value computed on first use.
+struct Lazy<F: FnOnce() -> Option<Vec<u8>>> {
+    init: Option<F>,
+    value: Option<Vec<u8>>,
+}
+
+impl<F: FnOnce() -> Option<Vec<u8>>> Lazy<F> {
+    fn new(init: F) -> Self {
+        Lazy {
+            init: Some(init),
+            value: None,
+        }
+    }
+    fn get(&mut self) -> Option<&[u8]> {
+        if let Some(f) = self.init.take() {
+            self.value = f();
+        }
+        self.value.as_deref()
+    }
 }
 
 /// Where a request's client id came from: the index into the rule's `key` list.

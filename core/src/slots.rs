@@ -1,128 +1,203 @@
 //! The bucket table in Envoy shared data.
 //!
 //! Shared data has no TTL and no way to list keys, so the filter never creates a key per
-//! client. Instead it keeps a fixed table of `slots` entries (a power of two, from
-//! `max_clients`), keyed `rl:<8 hex digits>`. Every slot key is created once, empty, when
-//! the table is set up; afterwards every write is a compare-and-swap on an existing key,
-//! which is exact across workers (an insert is not: see the notes). The memory bound is
-//! therefore by construction: `slots × (key + largest entry)`, whatever the number of
-//! distinct clients.
+//! client. It keeps a fixed table of `sets` keys (`rl:<8 hex digits>`, a power of two
+//! derived from `max_clients`), each holding up to [`WAYS`] bucket entries: a
+//! set-associative cache. Every key is created once, empty, when the table is set up;
+//! afterwards every write is a compare-and-swap on an existing key, which is exact
+//! across workers (an insert is not: two inserts race and one is lost).
 //!
-//! A (rule, client) pair hashes to a 64-bit fingerprint, which picks two candidate
-//! slots (two-choice hashing). An entry is `fingerprint (8 bytes) ‖ tat (8 bytes) per
-//! limit`. A request:
-//! 1. reads its first slot; if the entry is its own, decides there (1 read, 1 CAS);
-//! 2. otherwise reads the second slot; if that one is its own, decides there;
-//! 3. otherwise it needs a home: an empty slot, or one whose entry is idle (all its
-//!    buckets full again, so dropping it loses nothing), first slot preferred;
-//! 4. if both hold active entries of other clients, the one closer to full is evicted.
-//!    Only then does a limit lose state (that client restarts from a full bucket, i.e. up
-//!    to `burst` extra admissions); it needs more than ~`slots` clients active at once.
+//! **Memory bound**, by construction: at most `sets` keys, each value at most
+//! `WAYS × ENTRY_MAX` bytes, whatever the number of distinct clients.
+//!
+//! A (rule, client) hashes to a 64-bit fingerprint that picks one set. An entry is
+//! `limits count (1 byte) ‖ fingerprint (8) ‖ tat (8) per limit`. A request reads its
+//! set (one get), finds its entry or makes room for a fresh one, and writes the set
+//! back (one CAS) when its state changed. Room is found in this order:
+//! 1. a free way (the set holds fewer than `WAYS` entries);
+//! 2. an idle entry (all its buckets are full again: dropping it loses nothing);
+//! 3. the active entry closest to full is evicted: that client restarts from a full
+//!    bucket (at most `burst` extra admissions). With `sets = max_clients / 2` the
+//!    expected load is 2 entries per 8-way set at `max_clients` active clients, and a
+//!    set overflows with probability P(Poisson(2) > 8) ≈ 2.4·10⁻⁴.
 
-/// Prefix of every slot key. Shared data is per `vm_id`, so this only needs to be
+use crate::config::MAX_LIMITS_PER_RULE;
+
+/// Entries per set.
+pub const WAYS: usize = 8;
+/// Largest entry: count byte + fingerprint + one timestamp per limit.
+pub const ENTRY_MAX: usize = 1 + 8 + 8 * MAX_LIMITS_PER_RULE;
+/// Largest set value.
+pub const SET_MAX: usize = WAYS * ENTRY_MAX;
+/// Buffer size for [`write`]: a set plus one entry (a corrupted tail is replaced by an
+/// entry, so one more than `WAYS` can exist until the next write).
+pub const WRITE_MAX: usize = SET_MAX + ENTRY_MAX;
+
+/// Prefix of every set key. Shared data is per `vm_id`, so this only needs to be
 /// distinct from other keys of this plugin.
 pub const KEY_PREFIX: &str = "rl:";
-/// Length of a slot key: prefix + 8 hex digits.
+/// Length of a set key: prefix + 8 hex digits.
 pub const KEY_LEN: usize = KEY_PREFIX.len() + 8;
-/// The key whose presence says the table of a given size has been created.
-pub fn init_marker_key(slots: u32) -> String {
-    format!("rl-init:{slots:08x}")
+
+/// Number of sets for a `max_clients` setting: two expected entries per set.
+pub fn sets_for(max_clients: u64) -> u32 {
+    (max_clients / 2).next_power_of_two().max(8) as u32
 }
 
-/// Writes the key of `slot` into `buf` without allocating.
-pub fn slot_key(slot: u32, buf: &mut [u8; KEY_LEN]) -> &str {
+/// The key whose presence says the table of a given size has been created.
+pub fn init_marker_key(sets: u32) -> String {
+    format!("rl-init:{sets:08x}")
+}
+
+/// Writes the key of `set` into `buf` without allocating.
+pub fn set_key(set: u32, buf: &mut [u8; KEY_LEN]) -> &str {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     buf[..KEY_PREFIX.len()].copy_from_slice(KEY_PREFIX.as_bytes());
     for i in 0..8 {
-        let nibble = (slot >> (28 - 4 * i)) & 0xf;
+        let nibble = (set >> (28 - 4 * i)) & 0xf;
         buf[KEY_PREFIX.len() + i] = HEX[nibble as usize];
     }
     // Only ASCII was written.
     std::str::from_utf8(buf).unwrap_or(KEY_PREFIX)
 }
 
-/// The two candidate slots of a fingerprint (distinct when `slots > 1`).
-pub fn candidates(fingerprint: u64, slots: u32) -> [u32; 2] {
-    let mask = slots.wrapping_sub(1) as u64;
-    let a = fingerprint & mask;
-    let mut b = (fingerprint >> 32) & mask;
-    if b == a {
-        b = (a + 1) & mask;
-    }
-    [a as u32, b as u32]
+/// The set of a fingerprint. Uses the high bits: the low bits already went into the
+/// fingerprint comparison's entropy, and `sets` is a power of two.
+pub fn set_of(fingerprint: u64, sets: u32) -> u32 {
+    ((fingerprint >> 32) as u32) & sets.wrapping_sub(1)
 }
 
-/// What a slot currently holds, as seen by one (rule, client).
+/// Where a client's entry is, or goes, in its set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Occupant {
-    /// Never used, or holds something unreadable: free to take.
-    Empty,
-    /// This client's entry.
-    Mine,
-    /// Another client's entry whose buckets are all full again: free to take.
-    IdleOther,
-    /// Another client's entry still holding state. `slack_ns` is how long until its
-    /// buckets are all full: the smaller, the less is lost by evicting it.
-    ActiveOther { slack_ns: u64 },
+pub enum Place {
+    /// Its entry is at this byte offset (and its timestamps were copied out).
+    Found { offset: usize },
+    /// A fresh entry, appended to the set.
+    Append,
+    /// A fresh entry replacing the entry at `offset` (`len` bytes). `evicts_active`: that
+    /// entry still held state (the set was full of active clients).
+    Replace {
+        offset: usize,
+        len: usize,
+        evicts_active: bool,
+    },
 }
 
-/// Classifies a slot's value for `fingerprint`, and for `Mine` copies its timestamps
-/// into `tats` (which has one element per limit of the rule).
-pub fn read_entry(value: &[u8], fingerprint: u64, tats: &mut [u64], now: u64) -> Occupant {
-    if value.len() < 16 || value.len() % 8 != 0 {
-        return Occupant::Empty;
-    }
-    let fp = u64::from_le_bytes(value[..8].try_into().unwrap_or([0; 8]));
-    let stored = value[8..]
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
-    if fp == fingerprint && value.len() == 8 + 8 * tats.len() {
-        for (t, v) in tats.iter_mut().zip(stored) {
-            *t = v;
+/// One entry of a set value, as parsed.
+struct Entry {
+    offset: usize,
+    len: usize,
+    fingerprint: u64,
+    limits: usize,
+}
+
+/// Iterates the entries of a set value; stops at the first malformed one.
+fn entries(value: &[u8]) -> impl Iterator<Item = Entry> + '_ {
+    let mut offset = 0;
+    std::iter::from_fn(move || {
+        let n = *value.get(offset)? as usize;
+        let len = 9 + 8 * n;
+        if n == 0 || n > MAX_LIMITS_PER_RULE || offset + len > value.len() {
+            return None;
         }
-        return Occupant::Mine;
-    }
-    let latest = stored.max().unwrap_or(0);
-    if latest <= now {
-        Occupant::IdleOther
-    } else {
-        Occupant::ActiveOther {
-            slack_ns: latest - now,
+        let fingerprint = read_u64(value, offset + 1);
+        let e = Entry {
+            offset,
+            len,
+            fingerprint,
+            limits: n,
+        };
+        offset += len;
+        Some(e)
+    })
+}
+
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Latest timestamp of an entry: the instant it becomes idle.
+fn latest_tat(value: &[u8], e: &Entry) -> u64 {
+    (0..e.limits)
+        .map(|i| read_u64(value, e.offset + 9 + 8 * i))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Finds the entry of `fingerprint` (with `tats.len()` limits) in a set value, copying
+/// its timestamps into `tats`; or decides where a fresh entry goes.
+pub fn find(value: &[u8], fingerprint: u64, tats: &mut [u64], now: u64) -> Place {
+    let mut count = 0;
+    let mut end = 0;
+    // Best victim so far: (is active, slack until idle, offset, len).
+    let mut victim: Option<(bool, u64, usize, usize)> = None;
+    for e in entries(value) {
+        count += 1;
+        end = e.offset + e.len;
+        if e.fingerprint == fingerprint && e.limits == tats.len() {
+            for (i, t) in tats.iter_mut().enumerate() {
+                *t = read_u64(value, e.offset + 9 + 8 * i);
+            }
+            return Place::Found { offset: e.offset };
         }
+        let latest = latest_tat(value, &e);
+        let candidate = (latest > now, latest.saturating_sub(now), e.offset, e.len);
+        if victim.is_none_or(|v| (candidate.0, candidate.1) < (v.0, v.1)) {
+            victim = Some(candidate);
+        }
+    }
+    if end < value.len() {
+        // Trailing bytes that do not parse: the set is rewritten from its good prefix.
+        return Place::Replace {
+            offset: end,
+            len: value.len() - end,
+            evicts_active: false,
+        };
+    }
+    match victim {
+        Some((active, _, offset, len)) if count >= WAYS || !active => Place::Replace {
+            offset,
+            len,
+            evicts_active: active,
+        },
+        _ => Place::Append,
     }
 }
 
-/// Encodes an entry into `buf`; returns the bytes to store.
-pub fn write_entry<'a>(fingerprint: u64, tats: &[u64], buf: &'a mut [u8; ENTRY_MAX]) -> &'a [u8] {
-    buf[..8].copy_from_slice(&fingerprint.to_le_bytes());
+/// The set's new value with this client's entry written at `place`.
+pub fn write<'a>(
+    value: &[u8],
+    place: Place,
+    fingerprint: u64,
+    tats: &[u64],
+    out: &'a mut [u8; WRITE_MAX],
+) -> &'a [u8] {
+    let mut entry = [0u8; ENTRY_MAX];
+    entry[0] = tats.len() as u8;
+    entry[1..9].copy_from_slice(&fingerprint.to_le_bytes());
     for (i, t) in tats.iter().enumerate() {
-        buf[8 + 8 * i..16 + 8 * i].copy_from_slice(&t.to_le_bytes());
+        entry[9 + 8 * i..17 + 8 * i].copy_from_slice(&t.to_le_bytes());
     }
-    &buf[..8 + 8 * tats.len()]
-}
-
-/// Largest entry: fingerprint + one timestamp per limit.
-pub const ENTRY_MAX: usize = 8 + 8 * crate::config::MAX_LIMITS_PER_RULE;
-
-/// Where a request's entry lives or will live, given what its two candidate slots hold.
-/// Returns the index (0 or 1) into the candidates, and whether the entry is new
-/// (fresh buckets) there.
-pub fn choose(first: Occupant, second: Occupant) -> (usize, bool) {
-    use Occupant::*;
-    match (first, second) {
-        (Mine, _) => (0, false),
-        (_, Mine) => (1, false),
-        (Empty | IdleOther, _) => (0, true),
-        (_, Empty | IdleOther) => (1, true),
-        (ActiveOther { slack_ns: a }, ActiveOther { slack_ns: b }) => {
-            (if b < a { 1 } else { 0 }, true)
-        }
-    }
-}
-
-/// True when the first slot alone settles the question (no second read needed).
-pub fn first_suffices(first: Occupant) -> bool {
-    first == Occupant::Mine
+    let entry = &entry[..9 + 8 * tats.len()];
+    // Values come from this module and are at most SET_MAX bytes; anything longer is
+    // cut so that a corrupted value cannot overflow the buffer.
+    let value = &value[..value.len().min(WRITE_MAX - ENTRY_MAX)];
+    let (offset, old_len) = match place {
+        Place::Found { offset } => (offset, entry.len()),
+        Place::Append => (value.len(), 0),
+        Place::Replace { offset, len, .. } => (offset, len),
+    };
+    let offset = offset.min(value.len());
+    let old_len = old_len.min(value.len() - offset);
+    let tail = &value[offset + old_len..];
+    out[..offset].copy_from_slice(&value[..offset]);
+    out[offset..offset + entry.len()].copy_from_slice(entry);
+    let mut len = offset + entry.len();
+    out[len..len + tail.len()].copy_from_slice(tail);
+    len += tail.len();
+    &out[..len]
 }
 
 #[cfg(test)]

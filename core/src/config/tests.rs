@@ -1,1 +1,281 @@
 use super::*;
+
+fn err(json: &str) -> String {
+    parse(json.as_bytes()).unwrap_err().to_string()
+}
+
+fn one_rule(rule_body: &str) -> String {
+    format!(
+        r#"{{"rules":[{{"id":"r","match":{{"path":"/a"}},"limits":[{{"window":"1m","max":5}}]{rule_body}}}]}}"#
+    )
+}
+
+#[test]
+fn parses_the_documented_example() {
+    let json = r#"{
+      "rules": [
+        {"id": "auth_strict", "priority": 10,
+         "match": {"path": "/api/auth/*", "methods": ["POST"]},
+         "limits": [{"window": "1m", "max": 5}, {"window": "1h", "max": 20}]},
+        {"id": "api_default",
+         "match": {"path": "/api/*", "headers": {"X-Tier": "free"}},
+         "key": ["header:x-api-key", "header:X-User-Id", "ip"],
+         "limits": [{"window": "1s", "max": 10, "burst": 20}, {"window": "1m", "max": 100}],
+         "shadow": false}
+      ],
+      "headers": "x-ratelimit"
+    }"#;
+    let c = parse(json.as_bytes()).unwrap();
+    assert_eq!(c.rules.len(), 2);
+    let auth = &c.rules[0];
+    assert_eq!(auth.id, "auth_strict");
+    assert_eq!(auth.matcher.path, PathMatch::Prefix("/api/auth/".into()));
+    assert_eq!(auth.matcher.methods, vec!["POST"]);
+    assert_eq!(auth.key, default_key());
+    assert_eq!(auth.limits[0].window_secs, 60);
+    assert_eq!(auth.limits[0].burst, 5, "burst defaults to max");
+    assert_eq!(auth.limits[1].window_secs, 3600);
+    let api = &c.rules[1];
+    assert_eq!(
+        api.matcher.headers,
+        vec![("x-tier".to_string(), "free".to_string())]
+    );
+    assert_eq!(api.key[1], KeySource::Header("x-user-id".into()));
+    assert_eq!(api.limits[0].burst, 20);
+    assert_eq!(api.limits[0].interval_ns, 100_000_000);
+    assert_eq!(api.limits[0].depth_ns, 2_000_000_000);
+    assert_eq!(c.headers, HeaderMode::XRatelimit);
+    assert_eq!(c.sets, 65_536);
+    assert_eq!(c.xff_hop, None);
+}
+
+#[test]
+fn rules_sorted_by_priority_then_file_order() {
+    let json = r#"{"rules":[
+      {"id":"a","match":{"path":"/a"},"limits":[{"window":"1s","max":1}]},
+      {"id":"b","priority":5,"match":{"path":"/b"},"limits":[{"window":"1s","max":1}]},
+      {"id":"c","match":{"path":"/c"},"limits":[{"window":"1s","max":1}]},
+      {"id":"d","priority":5,"match":{"path":"/d"},"limits":[{"window":"1s","max":1}]},
+      {"id":"e","priority":-1,"match":{"path":"/e"},"limits":[{"window":"1s","max":1}]}
+    ]}"#;
+    let c = parse(json.as_bytes()).unwrap();
+    let ids: Vec<&str> = c.rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["b", "d", "a", "c", "e"]);
+}
+
+#[test]
+fn header_modes() {
+    for (s, m) in [
+        ("x-ratelimit", HeaderMode::XRatelimit),
+        ("ietf", HeaderMode::Ietf),
+        ("both", HeaderMode::Both),
+        ("none", HeaderMode::None),
+    ] {
+        let json = format!(r#"{{"rules":[],"headers":"{s}"}}"#);
+        assert_eq!(parse(json.as_bytes()).unwrap().headers, m);
+    }
+    assert!(HeaderMode::Both.ietf() && HeaderMode::Both.x_ratelimit());
+    assert!(!HeaderMode::None.ietf() && !HeaderMode::None.x_ratelimit());
+    assert!(
+        err(r#"{"rules":[],"headers":"fancy"}"#).starts_with("headers: unknown variant `fancy`")
+    );
+}
+
+#[test]
+fn windows() {
+    assert_eq!(parse_window("1s"), Ok(1));
+    assert_eq!(parse_window("90s"), Ok(90));
+    assert_eq!(parse_window("5m"), Ok(300));
+    assert_eq!(parse_window("2h"), Ok(7200));
+    assert_eq!(parse_window("1d"), Ok(86_400));
+    assert_eq!(parse_window("366d"), Ok(366 * 86_400));
+    for bad in [
+        "",
+        "s",
+        "0s",
+        "1",
+        "1w",
+        "-1s",
+        "+1s",
+        " 1s",
+        "1.5s",
+        "1S",
+        "99999999999d",
+        "367d",
+    ] {
+        assert!(parse_window(bad).is_err(), "{bad:?} should be refused");
+    }
+}
+
+#[test]
+fn every_refusal_names_its_field() {
+    let cases: &[(&str, &str)] = &[
+        (
+            r#"{"rules":[], "extra": 1}"#,
+            "extra: unknown field `extra`",
+        ),
+        (r#"{}"#, "missing field `rules`"),
+        (r#"not json"#, "expected ident"),
+        (r#"{"rules":{}}"#, "rules: invalid type: map"),
+        (
+            &one_rule(r#","colour":"red""#),
+            "rules[0].colour: unknown field `colour`",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"5x","max":5}]}]}"#,
+            "rules[0].limits[0].window: \"5x\" is not a window",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"1m","max":0}]}]}"#,
+            "rules[0].limits[0].max: 0 is out of range",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"1m","max":-3}]}]}"#,
+            "rules[0].limits[0].max: invalid value: integer `-3`",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"1m","max":5,"burst":0}]}]}"#,
+            "rules[0].limits[0].burst: 0 is out of range",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[]}]}"#,
+            "rules[0].limits: must hold at least one limit",
+        ),
+        (
+            &one_rule(r#","key":["cookie:sid"]"#),
+            "rules[0].key[0]: unknown key source \"cookie:sid\"",
+        ),
+        (
+            &one_rule(r#","key":[]"#),
+            "rules[0].key: must name at least one key source",
+        ),
+        (
+            &one_rule(r#","key":["header:"]"#),
+            "rules[0].key[0]: \"header:\": not a valid header name",
+        ),
+        (
+            &one_rule(r#","scope":"global""#),
+            "rules[0].scope: \"global\" needs the companion",
+        ),
+        (
+            &one_rule(r#","scope":"planet""#),
+            "rules[0].scope: unknown variant `planet`",
+        ),
+        (
+            &one_rule(r#","shadow":"yes""#),
+            "rules[0].shadow: invalid type: string",
+        ),
+        (
+            r#"{"rules":[{"id":"","match":{"path":"/a"},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].id: must be 1..=64 characters",
+        ),
+        (
+            r#"{"rules":[{"id":"a b","match":{"path":"/a"},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].id: \"a b\" may only hold",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"api"},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.path: \"api\" must start with '/'",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a/*/b"},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.path: \"/a/*/b\": '*' is only allowed at the end",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","methods":["GE T"]},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.methods[0]: \"GE T\" is not an HTTP method",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","methods":[]},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.methods: must list 1..=16 methods",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","headers":{"bad name":"x"}},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.headers.bad name: not a valid header name",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","host":"x"},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.host: unknown field `host`",
+        ),
+        (
+            r#"{"rules":[],"max_clients":3}"#,
+            "max_clients: 3 is out of range",
+        ),
+        (r#"{"rules":[],"xff_hop":0}"#, "xff_hop: 0 is out of range"),
+        (
+            r#"{"rules":[],"service":{"cluster":"x"}}"#,
+            "service: the companion service block is reserved",
+        ),
+        (
+            r#"{"rules":[],"failure_mode":"open"}"#,
+            "failure_mode: reserved",
+        ),
+    ];
+    for (json, want) in cases {
+        let got = err(json);
+        assert!(
+            got.starts_with(want) || got.contains(want),
+            "for {json}\n  got:  {got}\n  want: {want}"
+        );
+        assert!(!got.contains('\n'), "one line: {got}");
+    }
+}
+
+#[test]
+fn duplicate_rule_ids_are_refused() {
+    let json = r#"{"rules":[
+      {"id":"same","match":{"path":"/a"},"limits":[{"window":"1s","max":1}]},
+      {"id":"other","match":{"path":"/b"},"limits":[{"window":"1s","max":1}]},
+      {"id":"same","match":{"path":"/c"},"limits":[{"window":"1s","max":1}]}
+    ]}"#;
+    assert_eq!(
+        err(json),
+        "rules[2].id: duplicate rule id \"same\" (also rules[0].id)"
+    );
+}
+
+#[test]
+fn too_many_rules_and_limits() {
+    let rule = |i: usize| {
+        format!(r#"{{"id":"r{i}","match":{{"path":"/a"}},"limits":[{{"window":"1s","max":1}}]}}"#)
+    };
+    let many: Vec<String> = (0..=MAX_RULES).map(rule).collect();
+    let json = format!(r#"{{"rules":[{}]}}"#, many.join(","));
+    assert_eq!(err(&json), "rules: 257 rules, at most 256 are allowed");
+    let ok: Vec<String> = (0..MAX_RULES).map(rule).collect();
+    assert!(parse(format!(r#"{{"rules":[{}]}}"#, ok.join(",")).as_bytes()).is_ok());
+
+    let limits = vec![r#"{"window":"1s","max":1}"#; MAX_LIMITS_PER_RULE + 1].join(",");
+    let json = format!(r#"{{"rules":[{{"id":"r","match":{{"path":"/a"}},"limits":[{limits}]}}]}}"#);
+    assert_eq!(err(&json), "rules[0].limits: 9 limits, at most 8");
+}
+
+#[test]
+fn limit_products_stay_in_range() {
+    // The largest window with the largest burst still fits: checked, not overflowed.
+    let json = r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"366d","max":1,"burst":1000000000}]}]}"#;
+    assert!(err(json).starts_with("rules[0].limits[0].burst: burst × (window / max) does not fit"));
+    let json = r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"366d","max":1000000000,"burst":1000000000}]}]}"#;
+    assert!(parse(json.as_bytes()).is_ok());
+}
+
+#[test]
+fn seeds_change_with_limits_not_with_order() {
+    let a = parse(one_rule("").as_bytes()).unwrap().rules[0].seed;
+    let b = parse(one_rule("").as_bytes()).unwrap().rules[0].seed;
+    assert_eq!(a, b);
+    let other =
+        r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"1m","max":6}]}]}"#;
+    assert_ne!(a, parse(other.as_bytes()).unwrap().rules[0].seed);
+}
+
+#[test]
+fn max_clients_sets_the_table_size() {
+    let c = parse(br#"{"rules":[],"max_clients":1000}"#).unwrap();
+    assert_eq!(c.sets, 512);
+    let c = parse(br#"{"rules":[],"max_clients":1024, "xff_hop": 2}"#).unwrap();
+    assert_eq!(c.sets, 512);
+    assert_eq!(c.xff_hop, Some(2));
+    let c = parse(br#"{"rules":[],"max_clients":16}"#).unwrap();
+    assert_eq!(c.sets, 8);
+}

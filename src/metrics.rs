@@ -1,0 +1,83 @@
+//! Counters kept in the VM and flushed to Envoy on each tick.
+//!
+//! Incrementing an Envoy metric is a host call; doing it per request would add one
+//! more crossing to the request path. Each VM instead counts in plain memory and adds
+//! its counts to the Envoy counters once per tick (1 s), so `/stats/prometheus` lags by
+//! at most one tick.
+
+use std::cell::Cell;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    Allowed,
+    Rejected,
+    ShadowRejected,
+    /// An active entry of another client was evicted to make room (table too small).
+    Evicted,
+    /// The CAS loop gave up under contention and the request was let through.
+    FailedOpen,
+    /// A request matched a rule but had none of its key sources.
+    NoClientKey,
+}
+
+const COUNTERS: [(Counter, &str); 6] = [
+    (Counter::Allowed, "meshlimit_allowed_total"),
+    (Counter::Rejected, "meshlimit_rejected_total"),
+    (Counter::ShadowRejected, "meshlimit_shadow_rejected_total"),
+    (Counter::Evicted, "meshlimit_evicted_total"),
+    (Counter::FailedOpen, "meshlimit_failed_open_total"),
+    (Counter::NoClientKey, "meshlimit_no_client_key_total"),
+];
+
+pub const CONFIG_ERRORS: &str = "meshlimit_config_errors_total";
+
+thread_local! {
+    static PENDING: [Cell<u64>; 6] = Default::default();
+    static IDS: Cell<Option<[u32; 6]>> = const { Cell::new(None) };
+}
+
+/// Counts one event; no host call.
+#[inline]
+pub fn count(c: Counter) {
+    PENDING.with(|p| {
+        let cell = &p[c as usize];
+        cell.set(cell.get() + 1);
+    });
+}
+
+/// Defines the counters in Envoy (idempotent: the same name gives the same metric).
+pub fn define() {
+    let mut ids = [0u32; 6];
+    for (i, (_, name)) in COUNTERS.iter().enumerate() {
+        match hostcalls::define_metric(MetricType::Counter, name) {
+            Ok(id) => ids[i] = id,
+            Err(_) => return,
+        }
+    }
+    IDS.with(|c| c.set(Some(ids)));
+}
+
+/// Adds the pending counts to Envoy's counters.
+pub fn flush() {
+    let Some(ids) = IDS.with(|c| c.get()) else {
+        return;
+    };
+    PENDING.with(|p| {
+        for (i, cell) in p.iter().enumerate() {
+            let n = cell.replace(0);
+            if n > 0 {
+                let _ = hostcalls::increment_metric(ids[i], n as i64);
+            }
+        }
+    });
+}
+
+/// A refused configuration: counted at once (this is not the request path).
+pub fn config_error() {
+    if let Ok(id) = hostcalls::define_metric(MetricType::Counter, CONFIG_ERRORS) {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}

@@ -1,0 +1,68 @@
+//! The root context: reads and checks the plugin configuration, sets up the bucket
+//! table and the metrics, and flushes metrics on each tick.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use log::{error, info};
+use meshlimit_core::config::{self, Config};
+use meshlimit_core::headers;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+use crate::buckets;
+use crate::http::RateLimitHttp;
+use crate::metrics;
+
+/// What every request of this VM needs, built once per configuration.
+pub struct Plugin {
+    pub config: Config,
+    /// `RateLimit-Policy` value of each rule (same index as `config.rules`).
+    pub policies: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Root {
+    plugin: Option<Rc<Plugin>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                // The one line an operator needs: field path and reason.
+                error!("meshlimit: configuration refused: {e}");
+                metrics::config_error();
+                return false;
+            }
+        };
+        metrics::define();
+        buckets::create_table(config.sets);
+        let policies = config.rules.iter().map(headers::policy_header).collect();
+        info!(
+            "meshlimit: configured {} rules, {} bucket sets",
+            config.rules.len(),
+            config.sets
+        );
+        self.plugin = Some(Rc::new(Plugin { config, policies }));
+        self.set_tick_period(Duration::from_secs(1));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        metrics::flush();
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let plugin = self.plugin.clone()?;
+        Some(Box::new(RateLimitHttp::new(plugin)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
