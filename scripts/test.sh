@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, builds the filter, runs the unit tests,
+# then the end-to-end tests against a real Envoy. `.ci/run` runs this.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+SECONDS=0
+section() { printf '\n==== %s  (t=%ss)\n' "$*" "$SECONDS"; }
+
+section "toolchain: wasm targets"
+# RUSTUP_AUTO_INSTALL=0 on the project machines: rust-toolchain.toml alone installs nothing.
+rustup target add wasm32-wasip1 wasm32-unknown-unknown
+cargo --version
+
+section "Envoy"
+ENVOY_BIN="$(scripts/install-envoy.sh)"
+export ENVOY_BIN
+"$ENVOY_BIN" --version
+
+if [[ -f scripts/install-redis.sh ]]; then
+  section "Redis"
+  bash scripts/install-redis.sh
+fi
+
+section "build: filter wasm (release)"
+cargo build --release --target wasm32-wasip1 -p meshlimit-filter
+ls -l target/wasm32-wasip1/release/meshlimit_filter.wasm
+
+section "unit tests"
+cargo test --workspace --exclude meshlimit-e2e
+
+section "e2e tests (real Envoy)"
+cargo test -p meshlimit-e2e --release -- --test-threads=1
+
+section "all tests passed"
