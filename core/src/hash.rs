@@ -80,6 +80,7 @@ pub fn hash64(seed: u64, bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::test;
 
     #[test]
     fn stable_values() {

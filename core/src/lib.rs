@@ -18,5 +18,14 @@ pub mod matching;
 pub mod protocol;
 pub mod slots;
 
-#[cfg(all(test, target_arch = "wasm32"))]
-mod wasm_tests;
+/// The unit tests run natively with `cargo test` and, unchanged, inside wasm
+/// (`wasm32-unknown-unknown` under Node, via `wasm-bindgen-test`): every test module
+/// imports this `test` attribute, which is the standard one natively and
+/// `wasm_bindgen_test` in wasm. See `scripts/test.sh`.
+#[cfg(test)]
+pub(crate) mod testing {
+    #[cfg(not(target_arch = "wasm32"))]
+    pub use core::prelude::v1::test;
+    #[cfg(target_arch = "wasm32")]
+    pub use wasm_bindgen_test::wasm_bindgen_test as test;
+}

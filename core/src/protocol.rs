@@ -204,6 +204,7 @@ impl CheckRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::test;
 
     #[test]
     fn sync_round_trip_and_bounds() {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::testing::test;
 
 fn err(json: &str) -> String {
     parse(json.as_bytes()).unwrap_err().to_string()

@@ -1,6 +1,7 @@
 use super::*;
 use crate::config::Limit;
 use crate::gcra;
+use crate::testing::test;
 
 const S: u64 = 1_000_000_000;
 
