@@ -1,0 +1,312 @@
+//! The service's decisions, independent of HTTP: rules, store calls under a deadline,
+//! the switch to the fallback, and the probe that switches back.
+
+use crate::config::{Algorithm, Config};
+use crate::fallback::Fallback;
+use crate::keys::{KeyMaker, Namespace};
+use crate::metrics::{Gauges, Metrics};
+use crate::shares::ShareParams;
+use crate::store::{CheckOp, CheckOutcome, Store, StoreError, StoreLimit, SyncOp};
+use meshlimit_core::config::Rule;
+use meshlimit_core::protocol::{CheckRequest, CheckResponse, SyncGrant, SyncRequest, SyncResponse};
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// An error for the client: HTTP status, short code, detail naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+pub struct Service {
+    pub algorithm: Algorithm,
+    rules: RwLock<Arc<HashMap<String, Rule>>>,
+    pub store: Arc<dyn Store>,
+    pub fallback: Fallback,
+    pub metrics: Metrics,
+    keys: KeyMaker,
+    pub share: ShareParams,
+    deadline: Duration,
+}
+
+impl Service {
+    pub fn new(
+        cfg: &Config,
+        rules: Vec<Rule>,
+        store: Arc<dyn Store>,
+        fallback: Fallback,
+        keys: KeyMaker,
+    ) -> Self {
+        Service {
+            algorithm: cfg.algorithm,
+            rules: RwLock::new(Arc::new(index(rules))),
+            store,
+            fallback,
+            metrics: Metrics::default(),
+            keys,
+            share: ShareParams {
+                ttl_ms: cfg.share_ttl_ms,
+                floor: cfg.share_floor,
+                max_peers: 256,
+            },
+            deadline: cfg.store_timeout(),
+        }
+    }
+
+    /// Replaces all rules at once (the caller has validated the whole set).
+    pub fn replace_rules(&self, rules: Vec<Rule>) -> usize {
+        let n = rules.len();
+        *self.rules.write() = Arc::new(index(rules));
+        n
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.read().len()
+    }
+
+    fn store_failed(&self, e: &StoreError) {
+        self.metrics.store_error(e.kind());
+        if self.fallback.set_degraded(true) {
+            tracing::warn!("store failing, answering from the fallback: {e}");
+        }
+    }
+
+    pub async fn check(&self, req: &CheckRequest) -> Result<CheckResponse, ApiError> {
+        req.validate()
+            .map_err(|d| ApiError::new(400, "bad_request", d))?;
+        let rule = self
+            .rules
+            .read()
+            .get(&req.rule_id)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "unknown_rule",
+                    format!("rule_id: no rule {:?} is loaded", req.rule_id),
+                )
+            })?;
+        let op = CheckOp {
+            tag: self.keys.tag(Namespace::Check, &rule.id, &req.client_id),
+            limits: rule.limits.iter().map(StoreLimit::from).collect(),
+            hits: req.hits.unwrap_or(1),
+            force: false,
+        };
+        let (out, source) = self.check_op(op.clone()).await;
+        let out = match out {
+            Some(o) => (o, source),
+            None => self.fallback.check(self.algorithm, &op, &self.metrics),
+        };
+        let (o, source) = out;
+        self.metrics.decision("check", o.allowed, source, 1);
+        let limit = rule.limits.get(o.tightest).map_or(0, |l| l.max);
+        Ok(CheckResponse {
+            allowed: o.allowed,
+            remaining: o.remaining,
+            reset_at: o.reset_at,
+            limit,
+            retry_after: (!o.allowed).then(|| o.retry_after_ms.div_ceil(1000).max(1)),
+        })
+    }
+
+    /// The store's answer, or None when the fallback must decide.
+    async fn check_op(&self, op: CheckOp) -> (Option<CheckOutcome>, &'static str) {
+        if self.fallback.is_degraded() {
+            return (None, "fallback");
+        }
+        let t = Instant::now();
+        let r = tokio::time::timeout(self.deadline, self.store.check(self.algorithm, &[op])).await;
+        self.metrics
+            .store_latency
+            .observe(t.elapsed().as_secs_f64());
+        match r {
+            Ok(mut v) => match v.pop() {
+                Some(Ok(o)) => (Some(o), "store"),
+                Some(Err(e)) => {
+                    self.store_failed(&e);
+                    (None, "fallback")
+                }
+                None => (None, "fallback"),
+            },
+            Err(_) => {
+                self.store_failed(&StoreError::Unavailable("deadline".into()));
+                (None, "fallback")
+            }
+        }
+    }
+
+    pub async fn sync(&self, req: &SyncRequest) -> Result<SyncResponse, ApiError> {
+        req.validate()
+            .map_err(|d| ApiError::new(400, "bad_request", d))?;
+        self.metrics.sync_batch.observe(req.entries.len() as f64);
+        // A zero span would make every rate infinite; treat it as one second.
+        let span_ms = if req.span_ms == 0 {
+            1000
+        } else {
+            req.span_ms.min(86_400_000)
+        };
+        let ops: Vec<SyncOp> = req
+            .entries
+            .iter()
+            .map(|e| SyncOp {
+                tag: self.keys.tag(Namespace::Sync, &e.rule, &e.key),
+                window_secs: e.window_secs,
+                max: e.max,
+                admitted: e.admitted,
+                rate: (e.admitted + e.rejected) as f64 * 1000.0 / span_ms as f64,
+            })
+            .collect();
+        let mut results: Vec<Option<crate::store::SyncOutcome>> = vec![None; ops.len()];
+        if !self.fallback.is_degraded() && !ops.is_empty() {
+            let t = Instant::now();
+            let r = tokio::time::timeout(
+                self.deadline,
+                self.store.sync(&req.proxy_id, &ops, &self.share),
+            )
+            .await;
+            self.metrics
+                .store_latency
+                .observe(t.elapsed().as_secs_f64());
+            match r {
+                Ok(v) => {
+                    for (slot, item) in results.iter_mut().zip(v) {
+                        match item {
+                            Ok(o) => *slot = Some(o),
+                            Err(e) => self.store_failed(&e),
+                        }
+                    }
+                }
+                Err(_) => self.store_failed(&StoreError::Unavailable("deadline".into())),
+            }
+        }
+        let mut degraded = false;
+        let mut from_store = 0u64;
+        let mut entries = Vec::with_capacity(ops.len());
+        for ((e, op), r) in req.entries.iter().zip(&ops).zip(results) {
+            let o = match r {
+                Some(o) => {
+                    from_store += 1;
+                    o
+                }
+                None => {
+                    degraded = true;
+                    self.fallback
+                        .sync(&req.proxy_id, op, &self.share, &self.metrics)
+                }
+            };
+            entries.push(SyncGrant {
+                rule: e.rule.clone(),
+                key: e.key.clone(),
+                window_secs: e.window_secs,
+                weight: o.weight,
+                used: o.used,
+                remaining: o.remaining,
+                reset_at: o.reset_at,
+            });
+        }
+        self.metrics.decision("sync", true, "store", from_store);
+        self.metrics
+            .decision("sync", true, "fallback", entries.len() as u64 - from_store);
+        Ok(SyncResponse {
+            entries,
+            ttl_ms: self.share.ttl_ms,
+            degraded,
+        })
+    }
+
+    /// `/readyz`: the store answers (within the deadline) and we are not degraded.
+    pub async fn ready(&self) -> Result<(), String> {
+        if self.fallback.is_degraded() {
+            return Err("degraded: answering from the local fallback".into());
+        }
+        match tokio::time::timeout(
+            self.deadline.max(Duration::from_millis(500)),
+            self.store.ping(),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("store ping timed out".into()),
+        }
+    }
+
+    /// One probe step: while degraded, ping; when the store answers, reconcile and clear.
+    pub async fn probe(&self) {
+        self.fallback.sweep();
+        if !self.fallback.is_degraded() {
+            return;
+        }
+        let ping = tokio::time::timeout(
+            self.deadline.max(Duration::from_millis(500)),
+            self.store.ping(),
+        )
+        .await;
+        if !matches!(ping, Ok(Ok(()))) {
+            return;
+        }
+        match self
+            .fallback
+            .reconcile(
+                self.store.as_ref(),
+                self.deadline.max(Duration::from_secs(2)),
+                &self.metrics,
+            )
+            .await
+        {
+            Ok(n) => {
+                if self.fallback.set_degraded(false) {
+                    tracing::info!("store is back; reconciled {n} pending entries");
+                }
+                // Requests that raced the switch may have added more; write those too.
+                let _ = self
+                    .fallback
+                    .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
+                    .await;
+            }
+            Err(e) => tracing::warn!("reconciliation incomplete: {e}"),
+        }
+    }
+
+    /// On shutdown: one last attempt to write what the fallback owes.
+    pub async fn flush(&self) {
+        if self.fallback.pending_len() > 0 {
+            match self
+                .fallback
+                .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
+                .await
+            {
+                Ok(n) => tracing::info!("flushed {n} pending entries"),
+                Err(e) => tracing::warn!("shutdown flush incomplete: {e}"),
+            }
+        }
+    }
+
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&Gauges {
+            degraded: self.fallback.is_degraded(),
+            pending: self.fallback.pending_len(),
+            round_trips: self.store.round_trips(),
+            rules: self.rule_count(),
+            store: self.store.name(),
+        })
+    }
+}
+
+fn index(rules: Vec<Rule>) -> HashMap<String, Rule> {
+    rules.into_iter().map(|r| (r.id.clone(), r)).collect()
+}

@@ -1,0 +1,411 @@
+//! The embedded store: the default when no Redis is configured (demo, single node), and
+//! the local fallback while Redis is unreachable. The same arithmetic as the Lua scripts
+//! in `lua/`, on this process's clock, with TTLs swept in the background.
+
+use super::{tightest, CheckOp, CheckOutcome, ItemResult, Store, StoreError, SyncOp, SyncOutcome};
+use crate::config::Algorithm;
+use crate::keys::KeyMaker;
+use crate::shares::{allocate, Peer, ShareParams};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const SHARDS: usize = 64;
+
+enum Entry {
+    /// Sliding window: window index, its count, the previous window's count.
+    Sw {
+        i: i64,
+        c: u64,
+        p: u64,
+    },
+    /// GCRA theoretical arrival time, unix microseconds.
+    Tb {
+        tat: f64,
+    },
+    Shares(HashMap<String, Peer>),
+}
+
+struct Slot {
+    entry: Entry,
+    expires_us: f64,
+}
+
+pub struct MemoryStore {
+    keys: KeyMaker,
+    shards: Vec<Mutex<HashMap<String, Slot>>>,
+    /// Most keys kept; past it a check sweeps expired keys and, if still full, refuses
+    /// (the caller then treats it as a store failure) rather than growing without bound.
+    max_keys: usize,
+}
+
+pub fn now_us() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as f64)
+        .unwrap_or(0.0)
+}
+
+impl MemoryStore {
+    pub fn new(keys: KeyMaker, max_keys: usize) -> Self {
+        MemoryStore {
+            keys,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_keys: max_keys.max(SHARDS),
+        }
+    }
+
+    fn shard(&self, tag: &str) -> &Mutex<HashMap<String, Slot>> {
+        // All keys of one tag in one shard: one lock makes a multi-window check atomic.
+        let mut h = DefaultHasher::new();
+        tag.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Drops expired keys; returns how many are left.
+    pub fn sweep(&self) -> usize {
+        let now = now_us();
+        let mut left = 0;
+        for s in &self.shards {
+            let mut m = s.lock();
+            m.retain(|_, v| v.expires_us > now);
+            left += m.len();
+        }
+        left
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn full(&self, m: &mut HashMap<String, Slot>, now: f64) -> bool {
+        let per_shard = self.max_keys / SHARDS;
+        if m.len() < per_shard {
+            return false;
+        }
+        m.retain(|_, v| v.expires_us > now);
+        m.len() >= per_shard
+    }
+
+    pub fn check_one(&self, algo: Algorithm, op: &CheckOp, now: f64) -> ItemResult<CheckOutcome> {
+        let mut m = self.shard(&op.tag).lock();
+        if self.full(&mut m, now) {
+            return Err(StoreError::Failed("in-memory store is full".into()));
+        }
+        Ok(match algo {
+            Algorithm::SlidingWindow => self.sw_check(&mut m, op, now),
+            Algorithm::TokenBucket => self.tb_check(&mut m, op, now),
+        })
+    }
+
+    fn sw_check(&self, m: &mut HashMap<String, Slot>, op: &CheckOp, now_us: f64) -> CheckOutcome {
+        let now = now_us / 1e6;
+        let hits = op.hits;
+        let mut allowed = true;
+        let mut retry = 0.0f64;
+        let mut st = Vec::with_capacity(op.limits.len());
+        for l in &op.limits {
+            let key = self.keys.sw_key(&op.tag, l.window_secs);
+            let w = l.window_secs as f64;
+            let max = l.max as f64;
+            let idx = (now / w).floor() as i64;
+            let (c, p) = match m.get(&key) {
+                Some(Slot {
+                    entry: Entry::Sw { i, c, p },
+                    expires_us,
+                }) if *expires_us > now_us => {
+                    if *i == idx {
+                        (*c, *p)
+                    } else if *i == idx - 1 {
+                        (0, *c)
+                    } else {
+                        (0, 0)
+                    }
+                }
+                _ => (0, 0),
+            };
+            let frac = (now - idx as f64 * w) / w;
+            let est = p as f64 * (1.0 - frac) + c as f64;
+            let h = hits as f64;
+            if est + h > max {
+                allowed = false;
+                let (cf, pf) = (c as f64, p as f64);
+                let wait = if h > max {
+                    2.0 * w
+                } else if cf + h <= max {
+                    ((1.0 - (max - cf - h) / pf) - frac) * w
+                } else {
+                    (1.0 - frac) * w + (1.0 - (max - h) / cf).max(0.0) * w
+                };
+                retry = retry.max(wait);
+            }
+            st.push((key, l.window_secs, l.max, idx, c, p, est));
+        }
+        let mut rems = Vec::with_capacity(st.len());
+        let mut resets = Vec::with_capacity(st.len());
+        for (key, w, max, idx, c, p, est) in st {
+            let mut est = est;
+            if allowed || op.force {
+                est += hits as f64;
+                m.insert(
+                    key,
+                    Slot {
+                        entry: Entry::Sw {
+                            i: idx,
+                            c: c + hits,
+                            p,
+                        },
+                        expires_us: now_us + (w * 2_000_000) as f64,
+                    },
+                );
+            }
+            let rem = (max as f64 - est + 1e-9).floor().max(0.0) as u64;
+            rems.push((rem, w));
+            resets.push((idx as u64 + 1) * w);
+        }
+        let t = tightest(&rems);
+        CheckOutcome {
+            allowed,
+            tightest: t,
+            remaining: rems[t].0,
+            reset_at: resets[t],
+            retry_after_ms: if allowed {
+                0
+            } else {
+                (retry * 1000.0).ceil() as u64
+            },
+        }
+    }
+
+    fn tb_check(&self, m: &mut HashMap<String, Slot>, op: &CheckOp, now: f64) -> CheckOutcome {
+        let hits = op.hits as f64;
+        let mut allowed = true;
+        let mut retry = 0.0f64;
+        let mut st = Vec::with_capacity(op.limits.len());
+        for l in &op.limits {
+            let key = self.keys.tb_key(&op.tag, l.window_secs, l.max, l.burst);
+            let interval = l.window_secs as f64 * 1e6 / l.max as f64;
+            let horizon = now + interval * l.burst as f64;
+            let tat = match m.get(&key) {
+                Some(Slot {
+                    entry: Entry::Tb { tat },
+                    expires_us,
+                }) if *expires_us > now => *tat,
+                _ => now,
+            }
+            .min(horizon);
+            let start = tat.max(now);
+            let new = start + hits * interval;
+            if new > horizon + 1.0 {
+                allowed = false;
+                retry = retry.max(new - horizon);
+            }
+            st.push((key, l.window_secs, interval, horizon, start, new));
+        }
+        let mut rems = Vec::with_capacity(st.len());
+        let mut resets = Vec::with_capacity(st.len());
+        for (key, w, interval, horizon, start, new) in st {
+            let mut after = start;
+            if allowed || op.force {
+                after = new.min(horizon);
+                if after > now {
+                    m.insert(
+                        key,
+                        Slot {
+                            entry: Entry::Tb { tat: after },
+                            expires_us: after,
+                        },
+                    );
+                }
+            }
+            let rem = ((horizon - after) / interval + 1e-9).floor().max(0.0) as u64;
+            rems.push((rem, w));
+            resets.push((after / 1e6).ceil() as u64);
+        }
+        let t = tightest(&rems);
+        CheckOutcome {
+            allowed,
+            tightest: t,
+            remaining: rems[t].0,
+            reset_at: resets[t],
+            retry_after_ms: if allowed {
+                0
+            } else {
+                (retry / 1000.0).ceil() as u64
+            },
+        }
+    }
+
+    pub fn sync_one(
+        &self,
+        proxy: &str,
+        op: &SyncOp,
+        params: &ShareParams,
+        now_us: f64,
+    ) -> ItemResult<SyncOutcome> {
+        let mut m = self.shard(&op.tag).lock();
+        if self.full(&mut m, now_us) {
+            return Err(StoreError::Failed("in-memory store is full".into()));
+        }
+        let now = now_us / 1e6;
+        let w = op.window_secs;
+        let idx = (now / w as f64).floor() as i64;
+        let key = self.keys.sw_key(&op.tag, w);
+        let (c, p) = match m.get(&key) {
+            Some(Slot {
+                entry: Entry::Sw { i, c, p },
+                expires_us,
+            }) if *expires_us > now_us => {
+                if *i == idx {
+                    (*c, *p)
+                } else if *i == idx - 1 {
+                    (0, *c)
+                } else {
+                    (0, 0)
+                }
+            }
+            _ => (0, 0),
+        };
+        let c = c + op.admitted;
+        m.insert(
+            key,
+            Slot {
+                entry: Entry::Sw { i: idx, c, p },
+                expires_us: now_us + (w * 2_000_000) as f64,
+            },
+        );
+        let frac = (now - idx as f64 * w as f64) / w as f64;
+        let used = (p as f64 * (1.0 - frac) + c as f64 + 1e-9).floor() as u64;
+
+        let skey = self.keys.share_key(&op.tag, w);
+        let now_ms = (now_us / 1000.0) as u64;
+        let slot = m.entry(skey).or_insert_with(|| Slot {
+            entry: Entry::Shares(HashMap::new()),
+            expires_us: 0.0,
+        });
+        if slot.expires_us <= now_us {
+            slot.entry = Entry::Shares(HashMap::new());
+        }
+        slot.expires_us = now_us + (params.ttl_ms * 2000) as f64;
+        let weight = match &mut slot.entry {
+            Entry::Shares(peers) => allocate(peers, proxy, op.rate, now_ms, params),
+            _ => 0.0,
+        };
+        Ok(SyncOutcome {
+            used,
+            remaining: op.max.saturating_sub(used),
+            reset_at: (idx as u64 + 1) * w,
+            // Same rounding as the script: never report more than was granted.
+            weight: (weight * 1e9).floor() / 1e9,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn check(&self, algo: Algorithm, ops: &[CheckOp]) -> Vec<ItemResult<CheckOutcome>> {
+        let now = now_us();
+        ops.iter().map(|op| self.check_one(algo, op, now)).collect()
+    }
+
+    async fn sync(
+        &self,
+        proxy: &str,
+        ops: &[SyncOp],
+        params: &ShareParams,
+    ) -> Vec<ItemResult<SyncOutcome>> {
+        let now = now_us();
+        ops.iter()
+            .map(|op| self.sync_one(proxy, op, params, now))
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreLimit;
+
+    fn op(limits: &[(u64, u64, u64)], hits: u64) -> CheckOp {
+        CheckOp {
+            tag: "c.r.x".into(),
+            limits: limits
+                .iter()
+                .map(|&(window_secs, max, burst)| StoreLimit {
+                    window_secs,
+                    max,
+                    burst,
+                })
+                .collect(),
+            hits,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn sliding_window_multi_limit_all_or_nothing() {
+        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+        // Start of a 10 s window so the previous window weighs nothing.
+        let t0 = 1_000_000_000.0 * 1e6;
+        let o = op(&[(10, 5, 5), (100, 7, 7)], 1);
+        for i in 0..5 {
+            let r = s
+                .check_one(Algorithm::SlidingWindow, &o, t0 + i as f64)
+                .unwrap();
+            assert!(r.allowed);
+            assert_eq!(r.remaining, 4 - i);
+        }
+        let r = s
+            .check_one(Algorithm::SlidingWindow, &o, t0 + 10.0)
+            .unwrap();
+        assert!(!r.allowed && r.retry_after_ms > 0 && r.tightest == 0);
+        // Next window: the first limit has room but the 100 s one only has 2: all or nothing.
+        let t1 = t0 + 10e6 * 2.0;
+        let big = op(&[(10, 5, 5), (100, 7, 7)], 3);
+        let r = s.check_one(Algorithm::SlidingWindow, &big, t1).unwrap();
+        assert!(!r.allowed, "{r:?}");
+        assert_eq!((r.tightest, r.remaining), (1, 2));
+        let r = s
+            .check_one(
+                Algorithm::SlidingWindow,
+                &op(&[(10, 5, 5), (100, 7, 7)], 2),
+                t1,
+            )
+            .unwrap();
+        assert!(r.allowed);
+        assert_eq!(r.remaining, 0);
+    }
+
+    #[test]
+    fn token_bucket_refills() {
+        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+        let t0 = 1_000_000_000.0 * 1e6;
+        let o = op(&[(1, 10, 10)], 1);
+        for _ in 0..10 {
+            assert!(s.check_one(Algorithm::TokenBucket, &o, t0).unwrap().allowed);
+        }
+        let r = s.check_one(Algorithm::TokenBucket, &o, t0).unwrap();
+        assert!(!r.allowed);
+        assert_eq!(r.retry_after_ms, 100);
+        assert!(
+            s.check_one(Algorithm::TokenBucket, &o, t0 + 100_000.0)
+                .unwrap()
+                .allowed
+        );
+    }
+}

@@ -1,0 +1,762 @@
+//! Redis (one node) and Redis Cluster.
+//!
+//! Every operation is one Lua script (`lua/*.lua`, loaded with `SCRIPT LOAD` and run
+//! with `EVALSHA`) over keys that share one hash tag, so it is atomic and touches one
+//! slot. A batch is split by node: one pipeline per node, sent concurrently, so a batch
+//! costs one round trip per node. For that the cluster backend keeps its own slot map
+//! (from `CLUSTER SLOTS`) and one multiplexed connection per master; items that come back
+//! with `MOVED`/`ASK`/`TRYAGAIN`/`CLUSTERDOWN`/`NOSCRIPT` or from a broken connection are
+//! retried one by one through the `redis` crate's cluster client (which follows
+//! redirections) while the slot map is refreshed in the background.
+
+use super::{CheckOp, CheckOutcome, ItemResult, Store, StoreError, SyncOp, SyncOutcome};
+use crate::config::Algorithm;
+use crate::keys::{slot, KeyMaker};
+use crate::shares::ShareParams;
+use async_trait::async_trait;
+use futures::future::join_all;
+use parking_lot::{Mutex, RwLock};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
+    Pipeline, Value,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const SLIDING_WINDOW_LUA: &str = include_str!("../../lua/sliding_window.lua");
+pub const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
+pub const SYNC_LUA: &str = include_str!("../../lua/sync.lua");
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lua {
+    SlidingWindow,
+    TokenBucket,
+    Sync,
+}
+
+impl Lua {
+    fn src(self) -> &'static str {
+        match self {
+            Lua::SlidingWindow => SLIDING_WINDOW_LUA,
+            Lua::TokenBucket => TOKEN_BUCKET_LUA,
+            Lua::Sync => SYNC_LUA,
+        }
+    }
+    fn sha(self) -> &'static str {
+        use std::sync::OnceLock;
+        static SHAS: OnceLock<[String; 3]> = OnceLock::new();
+        let s = SHAS.get_or_init(|| {
+            [
+                redis::Script::new(SLIDING_WINDOW_LUA)
+                    .get_hash()
+                    .to_string(),
+                redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_string(),
+                redis::Script::new(SYNC_LUA).get_hash().to_string(),
+            ]
+        });
+        &s[self as usize]
+    }
+    const ALL: [Lua; 3] = [Lua::SlidingWindow, Lua::TokenBucket, Lua::Sync];
+}
+
+/// One script call, ready to be sent as `EVALSHA` (or `EVAL` on the retry path).
+struct Call {
+    lua: Lua,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    fn slot(&self) -> u16 {
+        slot(&self.keys[0])
+    }
+    fn cmd(&self, by_sha: bool) -> Cmd {
+        let mut c = if by_sha {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(self.lua.sha());
+            c
+        } else {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.lua.src());
+            c
+        };
+        c.arg(self.keys.len()).arg(&self.keys);
+        for a in &self.args {
+            c.arg(&a[..]);
+        }
+        c
+    }
+}
+
+#[derive(Clone)]
+pub struct RedisOptions {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls_insecure: bool,
+    /// Bound on one connect / one response at the connection level (the caller also
+    /// applies its own, shorter, request deadline).
+    pub io_timeout: Duration,
+}
+
+pub struct RedisStore {
+    keys: KeyMaker,
+    backend: Backend,
+    round_trips: AtomicU64,
+}
+
+enum Backend {
+    Single(Single),
+    Cluster(Cluster),
+}
+
+struct Single {
+    info: ConnectionInfo,
+    opts: RedisOptions,
+    /// Created lazily so the service starts (degraded) while Redis is down.
+    conn: tokio::sync::RwLock<Option<ConnectionManager>>,
+}
+
+struct Node {
+    addr: (String, u16),
+    conn: MultiplexedConnection,
+}
+
+#[derive(Default)]
+struct Topology {
+    /// Slot -> index into `nodes`; `u16::MAX` when no master serves it.
+    slots: Vec<u16>,
+    nodes: Vec<Node>,
+}
+
+struct Cluster {
+    seeds: Vec<ConnectionInfo>,
+    opts: RedisOptions,
+    conn: tokio::sync::RwLock<Option<ClusterConnection>>,
+    topo: RwLock<Arc<Topology>>,
+    refreshing: AtomicBool,
+    last_refresh: Mutex<Option<Instant>>,
+}
+
+fn conn_info(url: &str, o: &RedisOptions) -> Result<ConnectionInfo, String> {
+    let mut info = url
+        .into_connection_info()
+        .map_err(|e| format!("bad Redis URL: {e}"))?;
+    if let Some(u) = &o.username {
+        info.redis.username = Some(u.clone());
+    }
+    if let Some(p) = &o.password {
+        info.redis.password = Some(p.clone());
+    }
+    if o.tls_insecure {
+        if let ConnectionAddr::TcpTls { insecure, .. } = &mut info.addr {
+            *insecure = true;
+        }
+    }
+    Ok(info)
+}
+
+fn err_from(e: redis::RedisError) -> StoreError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Failed(e.to_string())
+    }
+}
+
+fn async_cfg(o: &RedisOptions) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(o.io_timeout)
+        .set_response_timeout(o.io_timeout)
+}
+
+/// Whether an item error means "ask the cluster client, which follows the cluster".
+fn retryable(v: &Value) -> bool {
+    match v {
+        Value::ServerError(e) => matches!(
+            e.code(),
+            "MOVED"
+                | "ASK"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "NOSCRIPT"
+                | "MASTERDOWN"
+                | "READONLY"
+                | "LOADING"
+        ),
+        _ => false,
+    }
+}
+
+fn is_noscript(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if e.code() == "NOSCRIPT")
+}
+
+fn ints(v: Value) -> Result<Vec<i64>, StoreError> {
+    match v {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|x| match x {
+                Value::Int(i) => Ok(i),
+                other => Err(StoreError::Failed(format!(
+                    "unexpected script value {other:?}"
+                ))),
+            })
+            .collect(),
+        Value::ServerError(e) => Err(StoreError::Failed(format!("{e:?}"))),
+        other => Err(StoreError::Failed(format!(
+            "unexpected script reply {other:?}"
+        ))),
+    }
+}
+
+fn check_outcome(v: Value) -> ItemResult<CheckOutcome> {
+    let r = ints(v)?;
+    if r.len() != 5 {
+        return Err(StoreError::Failed("script reply of wrong length".into()));
+    }
+    Ok(CheckOutcome {
+        allowed: r[0] == 1,
+        tightest: r[1].max(0) as usize,
+        remaining: r[2].max(0) as u64,
+        reset_at: r[3].max(0) as u64,
+        retry_after_ms: r[4].max(0) as u64,
+    })
+}
+
+fn sync_outcome(v: Value) -> ItemResult<SyncOutcome> {
+    let r = ints(v)?;
+    if r.len() != 4 {
+        return Err(StoreError::Failed("script reply of wrong length".into()));
+    }
+    Ok(SyncOutcome {
+        used: r[0].max(0) as u64,
+        remaining: r[1].max(0) as u64,
+        reset_at: r[2].max(0) as u64,
+        weight: (r[3].max(0) as f64 / 1e9).min(1.0),
+    })
+}
+
+impl RedisStore {
+    pub fn single(url: &str, opts: RedisOptions, keys: KeyMaker) -> Result<Self, String> {
+        let info = conn_info(url, &opts)?;
+        Ok(RedisStore {
+            keys,
+            backend: Backend::Single(Single {
+                info,
+                opts,
+                conn: tokio::sync::RwLock::new(None),
+            }),
+            round_trips: AtomicU64::new(0),
+        })
+    }
+
+    pub fn cluster(seeds: &[String], opts: RedisOptions, keys: KeyMaker) -> Result<Self, String> {
+        if seeds.is_empty() {
+            return Err("no cluster seed nodes".into());
+        }
+        let seeds = seeds
+            .iter()
+            .map(|s| conn_info(s.trim(), &opts))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RedisStore {
+            keys,
+            backend: Backend::Cluster(Cluster {
+                seeds,
+                opts,
+                conn: tokio::sync::RwLock::new(None),
+                topo: RwLock::new(Arc::new(Topology::default())),
+                refreshing: AtomicBool::new(false),
+                last_refresh: Mutex::new(None),
+            }),
+            round_trips: AtomicU64::new(0),
+        })
+    }
+
+    /// Connects (and loads the scripts) now; the service calls this at start and goes
+    /// on degraded if it fails.
+    pub async fn connect(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Single(s) => s.get().await.map(|_| ()),
+            Backend::Cluster(c) => {
+                c.get().await?;
+                c.refresh(true).await
+            }
+        }
+    }
+
+    fn check_call(&self, algo: Algorithm, op: &CheckOp) -> Call {
+        let mut args: Vec<Vec<u8>> = vec![
+            op.hits.to_string().into_bytes(),
+            if op.force {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            },
+        ];
+        let mut keys = Vec::with_capacity(op.limits.len());
+        for l in &op.limits {
+            match algo {
+                Algorithm::SlidingWindow => {
+                    keys.push(self.keys.sw_key(&op.tag, l.window_secs));
+                    args.push(l.window_secs.to_string().into_bytes());
+                    args.push(l.max.to_string().into_bytes());
+                }
+                Algorithm::TokenBucket => {
+                    keys.push(self.keys.tb_key(&op.tag, l.window_secs, l.max, l.burst));
+                    args.push(l.window_secs.to_string().into_bytes());
+                    args.push(l.max.to_string().into_bytes());
+                    args.push(l.burst.to_string().into_bytes());
+                }
+            }
+        }
+        Call {
+            lua: match algo {
+                Algorithm::SlidingWindow => Lua::SlidingWindow,
+                Algorithm::TokenBucket => Lua::TokenBucket,
+            },
+            keys,
+            args,
+        }
+    }
+
+    fn sync_call(&self, proxy: &str, op: &SyncOp, p: &ShareParams) -> Call {
+        Call {
+            lua: Lua::Sync,
+            keys: vec![
+                self.keys.sw_key(&op.tag, op.window_secs),
+                self.keys.share_key(&op.tag, op.window_secs),
+            ],
+            args: vec![
+                op.window_secs.to_string().into_bytes(),
+                op.max.to_string().into_bytes(),
+                op.admitted.to_string().into_bytes(),
+                proxy.as_bytes().to_vec(),
+                format!("{:.6}", op.rate).into_bytes(),
+                p.ttl_ms.to_string().into_bytes(),
+                format!("{:.6}", p.floor).into_bytes(),
+                p.max_peers.to_string().into_bytes(),
+            ],
+        }
+    }
+
+    async fn run(&self, calls: Vec<Call>) -> Vec<ItemResult<Value>> {
+        if calls.is_empty() {
+            return Vec::new();
+        }
+        match &self.backend {
+            Backend::Single(s) => s.run(&calls, &self.round_trips).await,
+            Backend::Cluster(c) => c.run(&calls, &self.round_trips).await,
+        }
+    }
+}
+
+impl Single {
+    async fn get(&self) -> Result<ConnectionManager, StoreError> {
+        if let Some(c) = self.conn.read().await.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut w = self.conn.write().await;
+        if let Some(c) = w.as_ref() {
+            return Ok(c.clone());
+        }
+        let client = Client::open(self.info.clone()).map_err(err_from)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(self.opts.io_timeout)
+            .set_response_timeout(self.opts.io_timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(200);
+        let mut c = ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(err_from)?;
+        load_scripts(&mut c).await?;
+        *w = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn run(&self, calls: &[Call], rt: &AtomicU64) -> Vec<ItemResult<Value>> {
+        let mut conn = match self.get().await {
+            Ok(c) => c,
+            Err(e) => return calls.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut out = pipeline(&mut conn, calls.iter(), rt).await;
+        // A restarted Redis has an empty script cache: load and replay just those items.
+        if out.iter().any(|r| matches!(r, Ok(v) if is_noscript(v))) {
+            if let Err(e) = load_scripts(&mut conn).await {
+                return calls.iter().map(|_| Err(e.clone())).collect();
+            }
+            let idx: Vec<usize> = (0..calls.len())
+                .filter(|&i| matches!(&out[i], Ok(v) if is_noscript(v)))
+                .collect();
+            let again = pipeline(&mut conn, idx.iter().map(|&i| &calls[i]), rt).await;
+            for (i, r) in idx.into_iter().zip(again) {
+                out[i] = r;
+            }
+        }
+        out
+    }
+}
+
+async fn load_scripts<C: ConnectionLike + Send>(c: &mut C) -> Result<(), StoreError> {
+    let mut p = Pipeline::new();
+    for l in Lua::ALL {
+        p.cmd("SCRIPT").arg("LOAD").arg(l.src());
+    }
+    let _: Vec<String> = p.query_async(c).await.map_err(err_from)?;
+    Ok(())
+}
+
+/// One pipeline of `EVALSHA`s; per item its raw reply (server errors kept as values).
+async fn pipeline<'a, C: ConnectionLike + Send>(
+    c: &mut C,
+    calls: impl Iterator<Item = &'a Call>,
+    rt: &AtomicU64,
+) -> Vec<ItemResult<Value>> {
+    let mut p = Pipeline::new();
+    let mut n = 0;
+    for call in calls {
+        p.add_command(call.cmd(true));
+        n += 1;
+    }
+    rt.fetch_add(1, Ordering::Relaxed);
+    match c.req_packed_commands(&p, 0, n).await {
+        Ok(vals) if vals.len() == n => vals.into_iter().map(Ok).collect(),
+        Ok(_) => (0..n)
+            .map(|_| Err(StoreError::Failed("short pipeline reply".into())))
+            .collect(),
+        Err(e) => {
+            let e = err_from(e);
+            (0..n).map(|_| Err(e.clone())).collect()
+        }
+    }
+}
+
+impl Cluster {
+    async fn get(&self) -> Result<ClusterConnection, StoreError> {
+        if let Some(c) = self.conn.read().await.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut w = self.conn.write().await;
+        if let Some(c) = w.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut b = redis::cluster::ClusterClientBuilder::new(self.seeds.clone())
+            .connection_timeout(self.opts.io_timeout)
+            .response_timeout(self.opts.io_timeout)
+            .retries(3)
+            .min_retry_wait(20)
+            .max_retry_wait(200);
+        if let Some(u) = &self.opts.username {
+            b = b.username(u.clone());
+        }
+        if let Some(p) = &self.opts.password {
+            b = b.password(p.clone());
+        }
+        if self.opts.tls_insecure {
+            b = b.danger_accept_invalid_hostnames(true);
+        }
+        let client = b.build().map_err(err_from)?;
+        let c = client.get_async_connection().await.map_err(err_from)?;
+        *w = Some(c.clone());
+        Ok(c)
+    }
+
+    fn node_info(&self, host: &str, port: u16) -> ConnectionInfo {
+        let base = &self.seeds[0];
+        let addr = match &base.addr {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: host.to_string(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host.to_string(), port),
+        };
+        ConnectionInfo {
+            addr,
+            redis: base.redis.clone(),
+        }
+    }
+
+    /// Re-reads `CLUSTER SLOTS`, connects to new masters and loads the scripts there.
+    /// At most one at a time and, unless `force`, at most one per 200 ms.
+    async fn refresh(&self, force: bool) -> Result<(), StoreError> {
+        {
+            let mut last = self.last_refresh.lock();
+            if !force && last.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = self.refresh_inner().await;
+        self.refreshing.store(false, Ordering::Release);
+        r
+    }
+
+    async fn refresh_inner(&self) -> Result<(), StoreError> {
+        let mut conn = self.get().await?;
+        let v: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .map_err(err_from)?;
+        let Value::Array(ranges) = v else {
+            return Err(StoreError::Failed("CLUSTER SLOTS: not an array".into()));
+        };
+        let mut slot_addr: Vec<(u16, u16, String, u16)> = Vec::new();
+        for r in ranges {
+            let Value::Array(f) = r else { continue };
+            if f.len() < 3 {
+                continue;
+            }
+            let (Value::Int(a), Value::Int(b), Value::Array(m)) = (&f[0], &f[1], &f[2]) else {
+                continue;
+            };
+            let host = match m.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).to_string(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => continue,
+            };
+            let Some(Value::Int(port)) = m.get(1) else {
+                continue;
+            };
+            slot_addr.push((*a as u16, *b as u16, host, *port as u16));
+        }
+        let old = self.topo.read().clone();
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut slots = vec![u16::MAX; 16384];
+        for (a, b, host, port) in slot_addr {
+            let addr = (host.clone(), port);
+            let idx = match nodes.iter().position(|n| n.addr == addr) {
+                Some(i) => i,
+                None => {
+                    let conn = match old.nodes.iter().find(|n| n.addr == addr) {
+                        Some(n) => n.conn.clone(),
+                        None => {
+                            let client =
+                                Client::open(self.node_info(&host, port)).map_err(err_from)?;
+                            let mut c = client
+                                .get_multiplexed_async_connection_with_config(&async_cfg(
+                                    &self.opts,
+                                ))
+                                .await
+                                .map_err(err_from)?;
+                            load_scripts(&mut c).await?;
+                            c
+                        }
+                    };
+                    nodes.push(Node { addr, conn });
+                    nodes.len() - 1
+                }
+            };
+            for s in a..=b.min(16383) {
+                slots[s as usize] = idx as u16;
+            }
+        }
+        *self.topo.write() = Arc::new(Topology { slots, nodes });
+        Ok(())
+    }
+
+    /// Drops a node whose connection broke, so the next refresh reconnects to it.
+    fn forget(&self, addr: &(String, u16)) {
+        let mut t = self.topo.write();
+        if t.nodes.iter().any(|n| &n.addr == addr) {
+            let nodes = t
+                .nodes
+                .iter()
+                .filter(|n| &n.addr != addr)
+                .map(|n| Node {
+                    addr: n.addr.clone(),
+                    conn: n.conn.clone(),
+                })
+                .collect::<Vec<_>>();
+            // Slots of the dropped node become unknown until the refresh.
+            let map: Vec<u16> = t
+                .nodes
+                .iter()
+                .map(|n| {
+                    nodes
+                        .iter()
+                        .position(|m| m.addr == n.addr)
+                        .map_or(u16::MAX, |i| i as u16)
+                })
+                .collect();
+            let slots = t
+                .slots
+                .iter()
+                .map(|&s| if s == u16::MAX { s } else { map[s as usize] })
+                .collect();
+            *t = Arc::new(Topology { slots, nodes });
+        }
+    }
+
+    async fn run(&self, calls: &[Call], rt: &AtomicU64) -> Vec<ItemResult<Value>> {
+        if self.topo.read().nodes.is_empty() {
+            if let Err(e) = self.refresh(false).await {
+                return calls.iter().map(|_| Err(e.clone())).collect();
+            }
+        }
+        let topo = self.topo.read().clone();
+        let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+        let mut retry: Vec<usize> = Vec::new();
+        for (i, c) in calls.iter().enumerate() {
+            match topo.slots.get(c.slot() as usize) {
+                Some(&n) if n != u16::MAX => groups.entry(n).or_default().push(i),
+                _ => retry.push(i),
+            }
+        }
+        let mut out: Vec<ItemResult<Value>> = (0..calls.len())
+            .map(|_| Err(StoreError::Unavailable("not sent".into())))
+            .collect();
+        let sends = groups.into_iter().map(|(n, idx)| {
+            let node = &topo.nodes[n as usize];
+            let mut conn = node.conn.clone();
+            async move {
+                let r = pipeline(&mut conn, idx.iter().map(|&i| &calls[i]), rt).await;
+                (n, idx, r)
+            }
+        });
+        let mut broken = Vec::new();
+        for (n, idx, results) in join_all(sends).await {
+            for (i, r) in idx.into_iter().zip(results) {
+                match &r {
+                    Ok(v) if !retryable(v) => out[i] = r,
+                    Ok(_) => retry.push(i),
+                    Err(StoreError::Unavailable(_)) => {
+                        broken.push(n);
+                        retry.push(i);
+                    }
+                    Err(_) => out[i] = r,
+                }
+            }
+        }
+        if retry.is_empty() {
+            return out;
+        }
+        broken.dedup();
+        for n in broken {
+            self.forget(&topo.nodes[n as usize].addr);
+        }
+        // The redis crate's cluster client follows MOVED/ASK and waits out TRYAGAIN;
+        // `EVAL` (not EVALSHA) so a node without our scripts (a promoted replica that was
+        // restarted, a new master) needs no extra step.
+        let conn = match self.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                for i in retry {
+                    out[i] = Err(e.clone());
+                }
+                return out;
+            }
+        };
+        let again = retry.iter().map(|&i| {
+            let mut conn = conn.clone();
+            let cmd = calls[i].cmd(false);
+            async move {
+                rt.fetch_add(1, Ordering::Relaxed);
+                let r: Result<Value, _> = cmd.query_async(&mut conn).await;
+                (i, r)
+            }
+        });
+        for (i, r) in join_all(again).await {
+            out[i] = match r {
+                Ok(Value::ServerError(e)) => Err(StoreError::Failed(format!("{e:?}"))),
+                Ok(v) => Ok(v),
+                Err(e) => Err(err_from(e)),
+            };
+        }
+        // Learn the new layout for the next batch (also loads scripts on new masters).
+        let _ = self.refresh(false).await;
+        out
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.get().await?;
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .map_err(err_from)?;
+        if !info.contains("cluster_state:ok") {
+            return Err(StoreError::Failed("cluster_state is not ok".into()));
+        }
+        self.refresh(false).await?;
+        let topo = self.topo.read().clone();
+        if topo.slots.iter().any(|&s| s == u16::MAX) {
+            return Err(StoreError::Failed("some slots have no master".into()));
+        }
+        for n in &topo.nodes {
+            let mut c = n.conn.clone();
+            let r: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
+            if let Err(e) = r {
+                self.forget(&n.addr);
+                return Err(err_from(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn name(&self) -> &'static str {
+        match self.backend {
+            Backend::Single(_) => "redis",
+            Backend::Cluster(_) => "redis-cluster",
+        }
+    }
+
+    async fn check(&self, algo: Algorithm, ops: &[CheckOp]) -> Vec<ItemResult<CheckOutcome>> {
+        let calls = ops.iter().map(|op| self.check_call(algo, op)).collect();
+        self.run(calls)
+            .await
+            .into_iter()
+            .map(|r| r.and_then(check_outcome))
+            .collect()
+    }
+
+    async fn sync(
+        &self,
+        proxy: &str,
+        ops: &[SyncOp],
+        params: &ShareParams,
+    ) -> Vec<ItemResult<SyncOutcome>> {
+        let calls = ops
+            .iter()
+            .map(|op| self.sync_call(proxy, op, params))
+            .collect();
+        self.run(calls)
+            .await
+            .into_iter()
+            .map(|r| r.and_then(sync_outcome))
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Single(s) => {
+                let mut c = s.get().await?;
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(err_from)?;
+                Ok(())
+            }
+            Backend::Cluster(c) => c.ping().await,
+        }
+    }
+
+    fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+}
