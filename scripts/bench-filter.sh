@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Throughput and latency cost of the meshlimit filter inside Envoy, measured with wrk.
+#
+#   scripts/bench-filter.sh            5 rounds x 4 cases x 5 s (about 2 minutes)
+#   ROUNDS=3 DURATION=3 scripts/bench-filter.sh
+#
+# Cases (all the same Envoy, same route, same wrk script):
+#   none    Envoy without any rate-limit filter
+#   native  Envoy's C++ envoy.filters.http.local_ratelimit, one token bucket so large it
+#           never rejects (1e9 per second), enabled and enforced for 100% of requests
+#   wasm-1  meshlimit, one rule matching every path, 1e9 per second (never rejects),
+#           one client (x-api-key fixed)
+#   wasm-10k  the same rule, x-api-key rotating over 10,000 distinct clients
+#
+# Set-up: Envoy --concurrency 1 pinned to CPU 0, wrk (1 thread, $CONNECTIONS keep-alive
+# connections) pinned to CPU 1. The route is an Envoy direct_response (200, 2 bytes), so
+# no upstream shares the CPU and the figures are Envoy + filter only. Rounds interleave
+# the cases (none, native, wasm-1, wasm-10k, none, ...) so drift hits every case alike;
+# each figure is the median over rounds. Any non-2xx answer makes the run fail.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+ROUNDS="${ROUNDS:-5}"
+DURATION="${DURATION:-5}"
+CONNECTIONS="${CONNECTIONS:-8}"
+WARMUP="${WARMUP:-2}"
+RUN_DIR="$ROOT/.run/bench"
+CASES=(none native wasm-1 wasm-10k)
+
+if [[ "$(nproc)" -lt 2 ]]; then
+  echo "warning: fewer than 2 CPUs; Envoy and wrk will share one" >&2
+fi
+
+echo "== building the filter"
+rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
+cargo build --release --target wasm32-wasip1 -p meshlimit-filter
+WASM="$ROOT/target/wasm32-wasip1/release/meshlimit_filter.wasm"
+
+echo "== Envoy and wrk"
+ENVOY="$(scripts/install-envoy.sh)"
+if ! command -v wrk >/dev/null; then
+  if [[ $(id -u) == 0 ]]; then
+    apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+  else
+    sudo apt-get install -y -qq wrk
+  fi
+fi
+"$ENVOY" --version | sed 's/^/  /'
+wrk --version 2>&1 | head -n1 | sed 's/^/  /' || true
+
+rm -rf "$RUN_DIR"
+mkdir -p "$RUN_DIR"
+
+# --- Envoy configurations -------------------------------------------------------------
+
+port_of() { # case -> listener port (admin is +100)
+  case "$1" in none) echo 10200 ;; native) echo 10201 ;; wasm-1) echo 10202 ;; wasm-10k) echo 10203 ;; esac
+}
+
+filters_for() {
+  case "$1" in
+    none) ;;
+    native)
+      cat <<'EOF'
+          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: bench_native
+              token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }
+              # Without these two the filter is installed but does nothing.
+              filter_enabled:
+                runtime_key: bench_native_enabled
+                default_value: { numerator: 100, denominator: HUNDRED }
+              filter_enforced:
+                runtime_key: bench_native_enforced
+                default_value: { numerator: 100, denominator: HUNDRED }
+EOF
+      ;;
+    wasm-1 | wasm-10k)
+      cat <<EOF
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: meshlimit
+                root_id: meshlimit
+                vm_config:
+                  vm_id: meshlimit
+                  runtime: envoy.wasm.runtime.v8
+                  code: { local: { filename: "$WASM" } }
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{"rules":[{"id":"bench","match":{"path":"*"},"limits":[{"window":"1s","max":1000000000}]}]}'
+EOF
+      ;;
+  esac
+}
+
+write_config() { # case -> file
+  local port admin
+  port="$(port_of "$1")"
+  admin=$((port + 100))
+  cat <<EOF
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: $admin } }
+static_resources:
+  listeners:
+  - name: bench
+    address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                direct_response: { status: 200, body: { inline_string: "ok" } }
+          http_filters:
+$(filters_for "$1")
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+EOF
+}
+
+# --- start every Envoy (idle ones cost ~nothing; no restarts between rounds) ----------
+
+PIDS=()
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for c in "${CASES[@]}"; do
+  port="$(port_of "$c")"
+  for p in "$port" $((port + 100)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "error: port $p is in use" >&2
+      exit 1
+    fi
+  done
+  write_config "$c" >"$RUN_DIR/$c.yaml"
+  taskset -c 0 "$ENVOY" -c "$RUN_DIR/$c.yaml" --concurrency 1 --disable-hot-restart \
+    --log-level warn >"$RUN_DIR/$c.log" 2>&1 &
+  PIDS+=($!)
+done
+
+for c in "${CASES[@]}"; do
+  admin=$(($(port_of "$c") + 100))
+  for i in $(seq 300); do
+    [[ "$(curl -s "http://127.0.0.1:$admin/ready" || true)" == LIVE* ]] && break
+    if [[ $i == 300 ]]; then
+      echo "error: Envoy for case $c not ready; log:" >&2
+      tail -n 20 "$RUN_DIR/$c.log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+done
+
+keys_for() { [[ "$1" == wasm-10k ]] && echo 10000 || echo 1; }
+
+run_wrk() { # case seconds -> RESULT line
+  local c="$1" secs="$2"
+  BENCH_KEYS="$(keys_for "$c")" taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${secs}s" \
+    -s bench/wrk-keys.lua "http://127.0.0.1:$(port_of "$c")" | grep '^RESULT'
+}
+
+# Other work on the machine skews every figure: say how busy it was.
+echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== warm-up (${WARMUP}s per case: V8 tier-up, the 10k-client table filled)"
+for c in "${CASES[@]}"; do run_wrk "$c" "$WARMUP" >/dev/null; done
+
+echo "== $ROUNDS rounds x ${#CASES[@]} cases x ${DURATION}s, wrk -t1 -c$CONNECTIONS"
+RESULTS="$RUN_DIR/results.txt"
+: >"$RESULTS"
+for r in $(seq "$ROUNDS"); do
+  for c in "${CASES[@]}"; do
+    line="$(run_wrk "$c" "$DURATION")"
+    echo "case=$c round=$r $line" | tee -a "$RESULTS"
+  done
+done
+
+echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg) (the bench itself adds ~2)"
+
+# The native filter and meshlimit really ran on every request (and rejected none).
+native_ok="$(curl -s "http://127.0.0.1:$(($(port_of native) + 100))/stats" \
+  | awk -F': ' '/bench_native.http_local_rate_limit.ok/ {print $2}')"
+wasm_allowed="$(curl -s "http://127.0.0.1:$(($(port_of wasm-10k) + 100))/stats/prometheus" \
+  | awk '/^meshlimit_allowed_total/ {print $2}')"
+echo "native filter: ${native_ok:-?} requests ok; meshlimit (wasm-10k Envoy): ${wasm_allowed:-?} allowed (metrics lag one flush)"
+
+python3 - "$RESULTS" <<'PY'
+import re, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    kv = dict(re.findall(r"(\w+)=(\S+)", line))
+    rows.setdefault(kv["case"], []).append(kv)
+bad = [r for rs in rows.values() for r in rs if int(r["non2xx"]) or int(r["socket_errors"])]
+med = {}
+for case, rs in rows.items():
+    rps = statistics.median(int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in rs)
+    p50 = statistics.median(int(r["p50_us"]) for r in rs)
+    p99 = statistics.median(int(r["p99_us"]) for r in rs)
+    med[case] = (rps, p50, p99)
+print()
+print(f"{'case':<10} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'vs none':>8} {'vs native':>10}")
+for case, (rps, p50, p99) in med.items():
+    print(f"{case:<10} {rps:>9.0f} {p50:>8.0f} {p99:>8.0f} "
+          f"{rps / med['none'][0]:>8.2f} {rps / med['native'][0]:>10.2f}")
+print("(medians over rounds; ratios are req/s relative to the case named)")
+if bad:
+    print(f"FAILED: {len(bad)} runs had non-2xx answers or socket errors", file=sys.stderr)
+    sys.exit(1)
+PY
