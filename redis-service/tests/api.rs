@@ -1,0 +1,154 @@
+//! The HTTP API against the embedded store: auth, every bad input, rules replacement,
+//! both algorithms with multi-window limits, sync shares, metrics, graceful shutdown.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_is_required_except_health() {
+    let s = Service::start(&[]);
+    let anon = s.client.with_token(None);
+    let wrong = s.client.with_token(Some("test-token-12"));
+    let body = json!({"client_id": "a", "rule_id": "api"});
+    for c in [&anon, &wrong] {
+        let r = c.post_json("/rate-limit/check", &body).await.unwrap();
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(r.json()["error"], "unauthorized");
+        assert_eq!(c.get("/metrics").await.unwrap().status, 401);
+        let r = c
+            .post_json("/v1/sync", &json!({"proxy_id": "p", "span_ms": 1, "entries": []}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+        let r = c.put_raw("/rate-limits/rules", RULES.as_bytes().to_vec()).await.unwrap();
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(anon.get("/healthz").await.unwrap().status, 200);
+    let r = anon.get("/readyz").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["store"], "memory");
+    let r = s.client.post_json("/rate-limit/check", &body).await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_named_4xx() {
+    let s = Service::start(&[]);
+    let c = &s.client;
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("/rate-limit/check", b"{not json".to_vec(), 400, "line 1"),
+        ("/rate-limit/check", br#"{"client_id":1,"rule_id":"api"}"#.to_vec(), 400, "client_id"),
+        ("/rate-limit/check", br#"{"client_id":"a","rule_id":"api","hits":-1}"#.to_vec(), 400, "hits"),
+        ("/rate-limit/check", br#"{"client_id":"a","rule_id":"api","hits":0}"#.to_vec(), 400, "hits"),
+        ("/rate-limit/check", br#"{"client_id":"a","rule_id":"api","hits":1000001}"#.to_vec(), 400, "hits"),
+        ("/rate-limit/check", br#"{"client_id":"a","rule_id":"api","hits":1e30}"#.to_vec(), 400, "hits"),
+        ("/rate-limit/check", br#"{"client_id":"","rule_id":"api"}"#.to_vec(), 400, "client_id"),
+        ("/rate-limit/check", br#"{"client_id":"a","rule_id":"api","x":1}"#.to_vec(), 400, "unknown field"),
+        ("/rate-limit/check", br#"{"client_id":"a","rule_id":"nope"}"#.to_vec(), 404, "rule_id"),
+        ("/rate-limit/check", format!(r#"{{"client_id":"{}","rule_id":"api"}}"#, "x".repeat(2000)).into_bytes(), 400, "client_id"),
+        ("/rate-limit/check", vec![b' '; 5 * 1024 * 1024], 413, "body"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":0,"max":1,"admitted":1}]}"#.to_vec(), 400, "entries[0].window_secs"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":"3"}]}"#.to_vec(), 400, "entries[0].admitted"),
+        ("/v1/sync", br#"{"proxy_id":"","span_ms":1000,"entries":[]}"#.to_vec(), 400, "proxy_id"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":2000000}]}"#.to_vec(), 400, "admitted"),
+    ];
+    for (path, body, status, needle) in cases {
+        let r = c.post_raw(path, body).await.unwrap();
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        let j = r.json();
+        assert!(j["error"].is_string(), "{path}: not a JSON error: {}", r.text());
+        assert!(
+            j["detail"].as_str().unwrap_or("").contains(needle),
+            "{path}: detail {:?} lacks {needle:?}",
+            j["detail"]
+        );
+    }
+    // Too many entries in one sync.
+    let entry = json!({"rule":"r","key":"k","window_secs":1,"max":1,"admitted":0});
+    let big = json!({"proxy_id":"p","span_ms":1000,"entries": vec![entry; 10_001]});
+    let r = c.post_json("/v1/sync", &big).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json()["detail"].as_str().unwrap().starts_with("entries: 10001"));
+    // The service survived all of it.
+    assert_eq!(c.get("/healthz").await.unwrap().status, 200);
+    assert!(metric(c, "meshlimit_requests_total{endpoint=\"check\",status=\"400\"}").await >= 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_replaced_whole_or_not_at_all() {
+    let s = Service::start(&[]);
+    let c = &s.client;
+    let id = uniq("rules");
+    // An invalid set (second rule broken) changes nothing.
+    let bad = r#"{"rules":[{"id":"fresh","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]},
+                  {"id":"broken","match":{"path":"/y"},"limits":[{"window":"1parsec","max":1}]}]}"#;
+    let r = c.put_raw("/rate-limits/rules", bad.as_bytes().to_vec()).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json()["detail"].as_str().unwrap().contains("rules[1].limits[0].window"));
+    assert_eq!(check(c, &id, "api", 1).await["allowed"], true);
+    let r = c
+        .post_json("/rate-limit/check", &json!({"client_id": id, "rule_id": "fresh"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    // A valid set replaces everything: "api" is gone, "fresh" is there.
+    let good = r#"{"rules":[{"id":"fresh","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]}]}"#;
+    let r = c.put_raw("/rate-limits/rules", good.as_bytes().to_vec()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["rules"], 1);
+    assert_eq!(check(c, &id, "fresh", 1).await["allowed"], true);
+    assert_eq!(check(c, &id, "fresh", 1).await["allowed"], false);
+    let r = c
+        .post_json("/rate-limit/check", &json!({"client_id": id, "rule_id": "api"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "unknown_rule");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_window_multi_window_in_memory() {
+    let s = Service::start(&["--algorithm", "sliding-window"]);
+    multi_window_contract(&s.client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bucket_multi_window_in_memory() {
+    let s = Service::start(&["--algorithm", "token-bucket"]);
+    multi_window_contract(&s.client).await;
+    // Refill: "short" is 3 per second, burst 3; a token comes back every 333 ms.
+    let id = uniq("tb");
+    for _ in 0..3 {
+        assert_eq!(check(&s.client, &id, "short", 1).await["allowed"], true);
+    }
+    let r = check(&s.client, &id, "short", 1).await;
+    assert_eq!(r["allowed"], false);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(check(&s.client, &id, "short", 1).await["allowed"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_shares_follow_demand_in_memory() {
+    let s = Service::start(&["--share-ttl-ms", "2000"]);
+    sync_contract(&s.client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly_and_metrics_render() {
+    let mut s = Service::start(&[]);
+    let id = uniq("m");
+    check(&s.client, &id, "api", 1).await;
+    let text = s.client.get("/metrics").await.unwrap().text();
+    for m in [
+        "meshlimit_requests_total{endpoint=\"check\",status=\"200\"} 1",
+        "meshlimit_decisions_total{endpoint=\"check\",decision=\"allowed\",source=\"store\"} 1",
+        "meshlimit_store_latency_seconds_count 1",
+        "meshlimit_degraded 0",
+        "meshlimit_store_info{store=\"memory\"} 1",
+    ] {
+        assert!(text.contains(m), "metrics lack {m}:\n{text}");
+    }
+    assert!(s.terminate(), "service did not exit 0 on SIGTERM");
+}

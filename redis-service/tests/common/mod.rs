@@ -1,0 +1,460 @@
+//! Real parts for the integration tests: `redis-server` processes (one node, or a 3+3
+//! cluster) on free loopback ports in temp dirs, and the service binary itself, spoken
+//! to over HTTP. Every process is killed on Drop.
+#![allow(dead_code)]
+
+use meshlimit_service::client::Client;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "test-token-123";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "meshlimit-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn free_port() -> u16 {
+    // Cluster nodes also listen on port + 10000: keep both free and below 55535.
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+pub fn require_redis() {
+    for bin in ["redis-server", "redis-cli"] {
+        let ok = Command::new(bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "`{bin}` is not on PATH: these tests start real Redis servers. \
+             Run scripts/install-redis.sh (apt-get install -y redis-server redis-tools)."
+        );
+    }
+}
+
+pub struct RedisNode {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    cluster: bool,
+}
+
+impl RedisNode {
+    pub fn start(cluster: bool) -> RedisNode {
+        require_redis();
+        let port = free_port();
+        let dir = tempdir(&format!("redis-{port}"));
+        let mut n = RedisNode {
+            port,
+            dir,
+            child: None,
+            cluster,
+        };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--protected-mode")
+            .arg("no");
+        if self.cluster {
+            cmd.arg("--cluster-enabled")
+                .arg("yes")
+                .arg("--cluster-config-file")
+                .arg(self.dir.join("nodes.conf"))
+                .arg("--cluster-node-timeout")
+                .arg("1000");
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        wait_for(Duration::from_secs(10), || {
+            self.cli(&["PING"]).map(|s| s.trim() == "PONG").unwrap_or(false)
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        if s.starts_with("Could not connect") {
+            return Err(s);
+        }
+        Ok(s)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisNode {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct RedisCluster {
+    pub nodes: Vec<RedisNode>,
+}
+
+impl RedisCluster {
+    /// 3 masters + 3 replicas, like production.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisNode> = (0..6).map(|_| RedisNode::start(true)).collect();
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster { nodes };
+        c.wait_ok();
+        c
+    }
+
+    pub fn wait_ok(&self) {
+        wait_for(Duration::from_secs(30), || {
+            self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.cli(&["CLUSTER", "INFO"])
+                    .map(|s| s.contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            })
+        });
+    }
+
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index of the node that is master of `slot`, from a live node's `CLUSTER NODES`.
+    pub fn master_of(&self, slot: u16) -> usize {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let Ok(text) = n.cli(&["CLUSTER", "NODES"]) else { continue };
+            for line in text.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                    continue;
+                }
+                let port: u16 = f[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                for r in &f[8..] {
+                    let (a, b) = match r.split_once('-') {
+                        Some((a, b)) => (a.parse().unwrap_or(1), b.parse().unwrap_or(0)),
+                        None => {
+                            let v: u16 = r.parse().unwrap_or(u16::MAX);
+                            (v, v)
+                        }
+                    };
+                    if (a..=b).contains(&slot) {
+                        if let Some(i) = self.nodes.iter().position(|x| x.port == port) {
+                            return i;
+                        }
+                    }
+                }
+            }
+            break;
+        }
+        panic!("no master for slot {slot}");
+    }
+
+    pub fn dbsize_total(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .filter(|n| n.cli(&["ROLE"]).map(|r| r.starts_with("master")).unwrap_or(false))
+            .map(|n| n.cli(&["DBSIZE"]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
+            .sum()
+    }
+}
+
+pub fn wait_for(max: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < max {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("condition not met within {max:?}");
+}
+
+pub const RULES: &str = r#"{"rules":[
+  {"id":"api","match":{"path":"/api/*"},"limits":[{"window":"2s","max":5},{"window":"1h","max":8}]},
+  {"id":"big","match":{"path":"/big/*"},"limits":[{"window":"1h","max":50}]},
+  {"id":"short","match":{"path":"/short/*"},"limits":[{"window":"1s","max":3}]},
+  {"id":"many","match":{"path":"/many/*"},"limits":[{"window":"1h","max":1000000}]}
+]}"#;
+
+pub struct Service {
+    child: Option<Child>,
+    pub addr: String,
+    pub client: Client,
+    pub dir: PathBuf,
+}
+
+impl Service {
+    /// Starts the real binary with `args` (plus a token file and the test rules).
+    pub fn start(args: &[&str]) -> Service {
+        let dir = tempdir("svc");
+        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+        std::fs::write(dir.join("rules.json"), RULES).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshlimit-service"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--token-file")
+            .arg(dir.join("token"))
+            .arg("--rules")
+            .arg(dir.join("rules.json"))
+            .arg("--workers")
+            .arg("2")
+            .args(args)
+            .env("ML_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn meshlimit-service");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("service did not start: {line:?}"))
+            .to_string();
+        let client = Client::new(&format!("http://{addr}"), Some(TOKEN));
+        Service {
+            child: Some(child),
+            addr,
+            client,
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM and wait; returns the exit status success.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A unique client id per test run, so reruns against one Redis do not collide.
+pub fn uniq(tag: &str) -> String {
+    format!(
+        "{tag}-{}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+pub async fn check(c: &Client, client_id: &str, rule: &str, hits: u64) -> serde_json::Value {
+    let r = c
+        .post_json(
+            "/rate-limit/check",
+            &serde_json::json!({"client_id": client_id, "rule_id": rule, "hits": hits}),
+        )
+        .await
+        .expect("check request");
+    assert_eq!(r.status, 200, "check: {}", r.text());
+    r.json()
+}
+
+/// `metric` value from /metrics (first line starting with it).
+pub async fn metric(c: &Client, prefix: &str) -> f64 {
+    let r = c.get("/metrics").await.expect("metrics");
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs `n` checks with `conc` in flight, spread over `clients`; returns how many passed.
+pub async fn hammer(clients: &[Client], client_id: &str, rule: &str, n: usize, conc: usize) -> usize {
+    use futures::stream::{self, StreamExt};
+    let allowed = stream::iter(0..n)
+        .map(|i| {
+            let c = clients[i % clients.len()].clone();
+            let id = client_id.to_string();
+            let rule = rule.to_string();
+            async move { check(&c, &id, &rule, 1).await["allowed"] == true }
+        })
+        .buffer_unordered(conc)
+        .filter(|a| futures::future::ready(*a))
+        .count()
+        .await;
+    allowed
+}
+
+/// The multi-window contract shared by both algorithms: "api" is 5 per 2 s and 8 per hour.
+pub async fn multi_window_contract(c: &meshlimit_service::client::Client) {
+    let id = uniq("mw");
+    for i in 0..5 {
+        let r = check(c, &id, "api", 1).await;
+        assert_eq!(r["allowed"], true, "hit {i}: {r}");
+    }
+    let r = check(c, &id, "api", 1).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert_eq!(r["limit"], 5);
+    assert!(r["retry_after"].as_u64().unwrap() >= 1);
+    // All-or-nothing: the refused hit was not counted in the hour window either. After the
+    // short window frees up, exactly 3 more fit (8 per hour).
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    let r = check(c, &id, "api", 4).await;
+    assert_eq!(r["allowed"], false, "4 more exceed the hour: {r}");
+    assert_eq!(r["limit"], 8);
+    assert_eq!(r["remaining"], 3);
+    let r = check(c, &id, "api", 3).await;
+    assert_eq!(r["allowed"], true, "{r}");
+    assert_eq!(r["remaining"], 0);
+    assert_eq!(check(c, &id, "api", 1).await["allowed"], false);
+}
+
+/// Two proxies report one key; shares follow demand and never sum above 1; an idle
+/// proxy's share returns to the pool after the TTL. Used by the Redis tests too.
+pub async fn sync_contract(c: &meshlimit_service::client::Client) {
+    let key = format!("{:016x}", uniq("k").len() as u64 ^ std::process::id() as u64 ^ rand_u64());
+    let report = |proxy: &str, admitted: u64, rejected: u64| {
+        json!({"proxy_id": proxy, "zone": "az1", "span_ms": 1000, "entries": [
+            {"rule": "unknown-to-service", "key": key, "window_secs": 60, "max": 1000,
+             "admitted": admitted, "rejected": rejected}]})
+    };
+    let mut wa = 0.0;
+    let mut wb = 0.0;
+    let mut used = 0;
+    for _ in 0..6 {
+        let r = c.post_json("/v1/sync", &report("a", 90, 0)).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        assert_eq!(j["degraded"], false);
+        wa = j["entries"][0]["weight"].as_f64().unwrap();
+        let r = c.post_json("/v1/sync", &report("b", 10, 0)).await.unwrap();
+        let j = r.json();
+        wb = j["entries"][0]["weight"].as_f64().unwrap();
+        used = j["entries"][0]["used"].as_u64().unwrap();
+        assert!(wa + wb <= 1.0 + 1e-9, "a={wa} b={wb}");
+    }
+    assert!((wa - 0.86).abs() < 0.02 && (wb - 0.14).abs() < 0.02, "a={wa} b={wb}");
+    assert_eq!(used, 600, "global count is the sum of what both admitted");
+    // b stops reporting; after the TTL a gets everything.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let r = c.post_json("/v1/sync", &report("a", 1, 0)).await.unwrap();
+    let j = r.json();
+    assert_eq!(j["entries"][0]["weight"].as_f64().unwrap(), 1.0, "{j}");
+    assert_eq!(j["ttl_ms"], 2000);
+}
+
+fn rand_u64() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
