@@ -31,6 +31,12 @@ ls -l target/wasm32-wasip1/release/meshlimit_filter.wasm
 section "unit tests"
 cargo test --workspace --exclude meshlimit-e2e
 
+section "core unit tests inside wasm (wasm32-unknown-unknown under Node)"
+# The same tests as above, compiled to wasm and run by wasm-bindgen-test: the core
+# behaves the same inside wasm as natively.
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER="$(scripts/install-wasm-bindgen.sh)" \
+  cargo test -p meshlimit-core --target wasm32-unknown-unknown
+
 section "e2e tests (real Envoy)"
 cargo test -p meshlimit-e2e --release -- --test-threads=1
 
