@@ -1,0 +1,211 @@
+//! Against one real Redis node: atomicity across two service instances, both algorithms,
+//! TTLs and memory per key, shares in Lua, ACL auth, NOSCRIPT, Redis stopped and
+//! restarted (fallback, then reconciliation), and the shutdown flush.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_limit_under_concurrency_across_two_instances() {
+    let redis = RedisNode::start(false);
+    for algo in ["sliding-window", "token-bucket"] {
+        let a = Service::start(&["--redis-url", &redis.url(), "--algorithm", algo]);
+        let b = Service::start(&["--redis-url", &redis.url(), "--algorithm", algo]);
+        let id = uniq("atomic");
+        // "big" is 50 per hour: 400 requests, 64 in flight, alternating instances.
+        let allowed = hammer(&[a.client.clone(), b.client.clone()], &id, "big", 400, 64).await;
+        assert_eq!(allowed, 50, "{algo}: admitted {allowed}, limit 50");
+        // Every decision came from Redis, none from a fallback.
+        for s in [&a, &b] {
+            assert_eq!(metric(&s.client, "meshlimit_degraded").await, 0.0);
+            assert_eq!(
+                metric(&s.client, "meshlimit_decisions_total{endpoint=\"check\",decision=\"allowed\",source=\"fallback\"}").await,
+                0.0
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_algorithms_multi_window_on_redis() {
+    let redis = RedisNode::start(false);
+    let sw = Service::start(&["--redis-url", &redis.url(), "--algorithm", "sliding-window"]);
+    let tb = Service::start(&["--redis-url", &redis.url(), "--algorithm", "token-bucket"]);
+    tokio::join!(
+        multi_window_contract(&sw.client),
+        multi_window_contract(&tb.client)
+    );
+    // No raw client id anywhere in Redis.
+    let keys = redis.cli(&["--scan", "--pattern", "*"]).unwrap();
+    assert!(!keys.is_empty());
+    assert!(!keys.contains("mw-"), "raw client id in a key: {keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_expire_and_memory_per_key_is_small() {
+    let redis = RedisNode::start(false);
+    let sw = Service::start(&["--redis-url", &redis.url(), "--algorithm", "sliding-window"]);
+    let tb = Service::start(&["--redis-url", &redis.url(), "--algorithm", "token-bucket"]);
+    let id = uniq("ttl");
+    check(&sw.client, &id, "short", 1).await;
+    check(&tb.client, &id, "short", 1).await;
+    let keys: Vec<String> = redis
+        .cli(&["--scan", "--pattern", "ml:{c.short.*"])
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(keys.len(), 2, "one key per algorithm and window: {keys:?}");
+    for k in &keys {
+        let ttl: i64 = redis.cli(&["PTTL", k]).unwrap().trim().parse().unwrap();
+        assert!(ttl > 0 && ttl <= 2000, "{k}: ttl {ttl}");
+        let mem: u64 = redis.cli(&["MEMORY", "USAGE", k]).unwrap().trim().parse().unwrap();
+        println!("MEMORY USAGE {k} = {mem} bytes");
+        assert!(mem <= 160, "{k}: {mem} bytes per (client, window)");
+    }
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let left = redis.cli(&["--scan", "--pattern", "ml:{c.short.*"]).unwrap();
+    assert!(left.trim().is_empty(), "keys left after their TTL: {left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_shares_in_redis() {
+    let redis = RedisNode::start(false);
+    let s = Service::start(&["--redis-url", &redis.url(), "--share-ttl-ms", "2000"]);
+    sync_contract(&s.client).await;
+    // Two instances see one global count and one share table.
+    let t = Service::start(&["--redis-url", &redis.url(), "--share-ttl-ms", "2000"]);
+    let body = serde_json::json!({"proxy_id": "x", "span_ms": 1000, "entries": [
+        {"rule": "r", "key": "abcdefabcdefabcd", "window_secs": 30, "max": 100, "admitted": 7}]});
+    s.client.post_json("/v1/sync", &body).await.unwrap();
+    let body2 = serde_json::json!({"proxy_id": "y", "span_ms": 1000, "entries": [
+        {"rule": "r", "key": "abcdefabcdefabcd", "window_secs": 30, "max": 100, "admitted": 3}]});
+    let j = t.client.post_json("/v1/sync", &body2).await.unwrap().json();
+    assert_eq!(j["entries"][0]["used"], 10, "{j}");
+    assert_eq!(j["entries"][0]["remaining"], 90);
+    // x holds 1.0 until it reports again; y gets only what is free.
+    assert_eq!(j["entries"][0]["weight"].as_f64().unwrap(), 0.0, "{j}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_and_password() {
+    let redis = RedisNode::start(false);
+    redis
+        .cli(&["ACL", "SETUSER", "meshlimit", "on", ">s3cret-pw", "~ml:*", "+@all"])
+        .unwrap();
+    redis.cli(&["ACL", "SETUSER", "default", "off"]).unwrap();
+    let good = Service::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--redis-username",
+        "meshlimit",
+        "--redis-password",
+        "s3cret-pw",
+    ]);
+    let id = uniq("acl");
+    assert_eq!(check(&good.client, &id, "big", 1).await["remaining"], 49);
+    assert_eq!(good.client.get("/readyz").await.unwrap().status, 200);
+    let bad = Service::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--redis-username",
+        "meshlimit",
+        "--redis-password",
+        "wrong",
+    ]);
+    let r = bad.client.get("/readyz").await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    // Still answers, from the fallback.
+    assert_eq!(check(&bad.client, &id, "big", 1).await["allowed"], true);
+    assert_eq!(metric(&bad.client, "meshlimit_degraded").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_cache_flush_is_survived() {
+    let redis = RedisNode::start(false);
+    let s = Service::start(&["--redis-url", &redis.url()]);
+    let id = uniq("noscript");
+    assert_eq!(check(&s.client, &id, "big", 1).await["remaining"], 49);
+    redis.cli(&["SCRIPT", "FLUSH"]).unwrap();
+    assert_eq!(check(&s.client, &id, "big", 1).await["remaining"], 48);
+    assert_eq!(metric(&s.client, "meshlimit_degraded").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fallback_then_reconciliation() {
+    let mut redis = RedisNode::start(false);
+    let s = Service::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--store-timeout-ms",
+        "50",
+        "--probe-interval-ms",
+        "100",
+        "--fallback-share",
+        "0.5",
+    ]);
+    let id = uniq("down");
+    assert_eq!(check(&s.client, &id, "big", 10).await["remaining"], 40);
+    redis.kill();
+    // Every request is still answered, quickly, from the fallback enforcing half of
+    // "big" (25 per hour on this instance).
+    let mut allowed = 0;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..40 {
+        let t = Instant::now();
+        if check(&s.client, &id, "big", 1).await["allowed"] == true {
+            allowed += 1;
+        }
+        slowest = slowest.max(t.elapsed());
+    }
+    assert_eq!(allowed, 25, "fallback enforces its share");
+    assert!(slowest < Duration::from_millis(500), "slowest answer {slowest:?}");
+    let r = s.client.get("/readyz").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["degraded"], true);
+    assert_eq!(metric(&s.client, "meshlimit_degraded").await, 1.0);
+    assert!(metric(&s.client, "meshlimit_reconcile_pending").await >= 1.0);
+    assert!(metric(&s.client, "meshlimit_store_errors_total").await >= 1.0);
+
+    // Redis comes back empty (no persistence): what the fallback admitted is written back.
+    redis.restart();
+    wait_for(Duration::from_secs(10), || {
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/readyz", s.addr)])
+            .output()
+            .map(|o| o.stdout == b"200")
+            .unwrap_or(false)
+    });
+    assert_eq!(metric(&s.client, "meshlimit_degraded").await, 0.0);
+    assert_eq!(metric(&s.client, "meshlimit_reconcile_pending").await, 0.0);
+    // 25 reconciled into the empty Redis; this check makes 26 of 50.
+    let r = check(&s.client, &id, "big", 1).await;
+    assert_eq!(r["remaining"], 24, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_pending_counts() {
+    let mut redis = RedisNode::start(false);
+    let mut s = Service::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--store-timeout-ms",
+        "50",
+        // No probe during the test: only the shutdown flush can write the counts.
+        "--probe-interval-ms",
+        "600000",
+    ]);
+    let id = uniq("flush");
+    assert_eq!(check(&s.client, &id, "big", 1).await["allowed"], true);
+    redis.kill();
+    for _ in 0..5 {
+        assert_eq!(check(&s.client, &id, "big", 1).await["allowed"], true);
+    }
+    redis.restart();
+    assert!(s.terminate(), "exit status");
+    let t = Service::start(&["--redis-url", &redis.url()]);
+    let r = check(&t.client, &id, "big", 1).await;
+    // The first hit died with the old Redis (no persistence); 5 flushed + this one = 6.
+    assert_eq!(r["remaining"], 44, "{r}");
+}
