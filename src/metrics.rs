@@ -58,6 +58,8 @@ pub fn define() {
         }
     }
     IDS.with(|c| c.set(Some(ids)));
+    // Defined up front so that it shows (as 0) before anything goes wrong.
+    let _ = hostcalls::define_metric(MetricType::Counter, CONFIG_ERRORS);
 }
 
 /// Adds the pending counts to Envoy's counters.

@@ -35,7 +35,7 @@ impl RootContext for Root {
             Ok(c) => c,
             Err(e) => {
                 // The one line an operator needs: field path and reason.
-                error!("meshlimit: configuration refused: {e}");
+                error!("configuration refused: {e}");
                 metrics::config_error();
                 return false;
             }
@@ -44,7 +44,7 @@ impl RootContext for Root {
         buckets::create_table(config.sets);
         let policies = config.rules.iter().map(headers::policy_header).collect();
         info!(
-            "meshlimit: configured {} rules, {} bucket sets",
+            "configured {} rules, {} bucket sets",
             config.rules.len(),
             config.sets
         );
