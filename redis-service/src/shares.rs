@@ -137,7 +137,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let who = format!("p{}", x % 13);
-            let rate = ((x >> 8) % 1000) as f64 * if x % 5 == 0 { 0.0 } else { 1.0 };
+            let rate = ((x >> 8) % 1000) as f64 * if x.is_multiple_of(5) { 0.0 } else { 1.0 };
             now += (x >> 20) % 400;
             let g = allocate(&mut peers, &who, rate, now, &P);
             assert!((0.0..=1.0).contains(&g));

@@ -18,18 +18,28 @@ async fn auth_is_required_except_health() {
         assert_eq!(r.json()["error"], "unauthorized");
         assert_eq!(c.get("/metrics").await.unwrap().status, 401);
         let r = c
-            .post_json("/v1/sync", &json!({"proxy_id": "p", "span_ms": 1, "entries": []}))
+            .post_json(
+                "/v1/sync",
+                &json!({"proxy_id": "p", "span_ms": 1, "entries": []}),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 401);
-        let r = c.put_raw("/rate-limits/rules", RULES.as_bytes().to_vec()).await.unwrap();
+        let r = c
+            .put_raw("/rate-limits/rules", RULES.as_bytes().to_vec())
+            .await
+            .unwrap();
         assert_eq!(r.status, 401);
     }
     assert_eq!(anon.get("/healthz").await.unwrap().status, 200);
     let r = anon.get("/readyz").await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["store"], "memory");
-    let r = s.client.post_json("/rate-limit/check", &body).await.unwrap();
+    let r = s
+        .client
+        .post_json("/rate-limit/check", &body)
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
 }
 
@@ -58,7 +68,11 @@ async fn bad_inputs_are_named_4xx() {
         let r = c.post_raw(path, body).await.unwrap();
         assert_eq!(r.status, status, "{path}: {}", r.text());
         let j = r.json();
-        assert!(j["error"].is_string(), "{path}: not a JSON error: {}", r.text());
+        assert!(
+            j["error"].is_string(),
+            "{path}: not a JSON error: {}",
+            r.text()
+        );
         assert!(
             j["detail"].as_str().unwrap_or("").contains(needle),
             "{path}: detail {:?} lacks {needle:?}",
@@ -70,10 +84,20 @@ async fn bad_inputs_are_named_4xx() {
     let big = json!({"proxy_id":"p","span_ms":1000,"entries": vec![entry; 10_001]});
     let r = c.post_json("/v1/sync", &big).await.unwrap();
     assert_eq!(r.status, 400);
-    assert!(r.json()["detail"].as_str().unwrap().starts_with("entries: 10001"));
+    assert!(r.json()["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("entries: 10001"));
     // The service survived all of it.
     assert_eq!(c.get("/healthz").await.unwrap().status, 200);
-    assert!(metric(c, "meshlimit_requests_total{endpoint=\"check\",status=\"400\"}").await >= 8.0);
+    assert!(
+        metric(
+            c,
+            "meshlimit_requests_total{endpoint=\"check\",status=\"400\"}"
+        )
+        .await
+            >= 8.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,24 +108,40 @@ async fn rules_are_replaced_whole_or_not_at_all() {
     // An invalid set (second rule broken) changes nothing.
     let bad = r#"{"rules":[{"id":"fresh","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]},
                   {"id":"broken","match":{"path":"/y"},"limits":[{"window":"1parsec","max":1}]}]}"#;
-    let r = c.put_raw("/rate-limits/rules", bad.as_bytes().to_vec()).await.unwrap();
+    let r = c
+        .put_raw("/rate-limits/rules", bad.as_bytes().to_vec())
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
-    assert!(r.json()["detail"].as_str().unwrap().contains("rules[1].limits[0].window"));
+    assert!(r.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("rules[1].limits[0].window"));
     assert_eq!(check(c, &id, "api", 1).await["allowed"], true);
     let r = c
-        .post_json("/rate-limit/check", &json!({"client_id": id, "rule_id": "fresh"}))
+        .post_json(
+            "/rate-limit/check",
+            &json!({"client_id": id, "rule_id": "fresh"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 404);
     // A valid set replaces everything: "api" is gone, "fresh" is there.
-    let good = r#"{"rules":[{"id":"fresh","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]}]}"#;
-    let r = c.put_raw("/rate-limits/rules", good.as_bytes().to_vec()).await.unwrap();
+    let good =
+        r#"{"rules":[{"id":"fresh","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]}]}"#;
+    let r = c
+        .put_raw("/rate-limits/rules", good.as_bytes().to_vec())
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["rules"], 1);
     assert_eq!(check(c, &id, "fresh", 1).await["allowed"], true);
     assert_eq!(check(c, &id, "fresh", 1).await["allowed"], false);
     let r = c
-        .post_json("/rate-limit/check", &json!({"client_id": id, "rule_id": "api"}))
+        .post_json(
+            "/rate-limit/check",
+            &json!({"client_id": id, "rule_id": "api"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 404);

@@ -60,12 +60,19 @@ async fn keys_expire_and_memory_per_key_is_small() {
     for k in &keys {
         let ttl: i64 = redis.cli(&["PTTL", k]).unwrap().trim().parse().unwrap();
         assert!(ttl > 0 && ttl <= 2000, "{k}: ttl {ttl}");
-        let mem: u64 = redis.cli(&["MEMORY", "USAGE", k]).unwrap().trim().parse().unwrap();
+        let mem: u64 = redis
+            .cli(&["MEMORY", "USAGE", k])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         println!("MEMORY USAGE {k} = {mem} bytes");
         assert!(mem <= 160, "{k}: {mem} bytes per (client, window)");
     }
     tokio::time::sleep(Duration::from_millis(2300)).await;
-    let left = redis.cli(&["--scan", "--pattern", "ml:{c.short.*"]).unwrap();
+    let left = redis
+        .cli(&["--scan", "--pattern", "ml:{c.short.*"])
+        .unwrap();
     assert!(left.trim().is_empty(), "keys left after their TTL: {left}");
 }
 
@@ -92,7 +99,15 @@ async fn sync_shares_in_redis() {
 async fn acl_user_and_password() {
     let redis = RedisNode::start(false);
     redis
-        .cli(&["ACL", "SETUSER", "meshlimit", "on", ">s3cret-pw", "~ml:*", "+@all"])
+        .cli(&[
+            "ACL",
+            "SETUSER",
+            "meshlimit",
+            "on",
+            ">s3cret-pw",
+            "~ml:*",
+            "+@all",
+        ])
         .unwrap();
     redis.cli(&["ACL", "SETUSER", "default", "off"]).unwrap();
     let good = Service::start(&[
@@ -160,7 +175,10 @@ async fn redis_down_fallback_then_reconciliation() {
         slowest = slowest.max(t.elapsed());
     }
     assert_eq!(allowed, 25, "fallback enforces its share");
-    assert!(slowest < Duration::from_millis(500), "slowest answer {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest answer {slowest:?}"
+    );
     let r = s.client.get("/readyz").await.unwrap();
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["degraded"], true);
@@ -172,7 +190,14 @@ async fn redis_down_fallback_then_reconciliation() {
     redis.restart();
     wait_for(Duration::from_secs(10), || {
         std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/readyz", s.addr)])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{}/readyz", s.addr),
+            ])
             .output()
             .map(|o| o.stdout == b"200")
             .unwrap_or(false)

@@ -692,7 +692,7 @@ impl Cluster {
         }
         self.refresh(false).await?;
         let topo = self.topo.read().clone();
-        if topo.slots.iter().any(|&s| s == u16::MAX) {
+        if topo.slots.contains(&u16::MAX) {
             return Err(StoreError::Failed("some slots have no master".into()));
         }
         for n in &topo.nodes {

@@ -4,12 +4,12 @@
 #![allow(dead_code)]
 
 use meshlimit_service::client::Client;
+use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use serde_json::json;
 use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "test-token-123";
@@ -97,7 +97,16 @@ impl RedisNode {
                 .arg("--cluster-config-file")
                 .arg(self.dir.join("nodes.conf"))
                 .arg("--cluster-node-timeout")
-                .arg("1000");
+                .arg("1000")
+                // A replica whose master has been quiet (no writes, pings every 10 s)
+                // would otherwise count as too stale to take over.
+                .arg("--cluster-replica-validity-factor")
+                .arg("0")
+                .arg("--repl-ping-replica-period")
+                .arg("1")
+                // Default waits 5 s before the first full sync to a replica.
+                .arg("--repl-diskless-sync-delay")
+                .arg("0");
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -106,7 +115,9 @@ impl RedisNode {
             .expect("spawn redis-server");
         self.child = Some(child);
         wait_for(Duration::from_secs(10), || {
-            self.cli(&["PING"]).map(|s| s.trim() == "PONG").unwrap_or(false)
+            self.cli(&["PING"])
+                .map(|s| s.trim() == "PONG")
+                .unwrap_or(false)
         });
     }
 
@@ -173,6 +184,13 @@ impl RedisCluster {
         );
         let c = RedisCluster { nodes };
         c.wait_ok();
+        // Replicas must hold the data before a failover test means anything.
+        wait_for(Duration::from_secs(30), || {
+            c.nodes.iter().all(|n| {
+                let r = n.cli(&["INFO", "replication"]).unwrap_or_default();
+                r.contains("role:master") || r.contains("master_link_status:up")
+            })
+        });
         c
     }
 
@@ -196,8 +214,15 @@ impl RedisCluster {
 
     /// Index of the node that is master of `slot`, from a live node's `CLUSTER NODES`.
     pub fn master_of(&self, slot: u16) -> usize {
+        self.try_master_of(slot)
+            .unwrap_or_else(|| panic!("no master for slot {slot}"))
+    }
+
+    pub fn try_master_of(&self, slot: u16) -> Option<usize> {
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let Ok(text) = n.cli(&["CLUSTER", "NODES"]) else { continue };
+            let Ok(text) = n.cli(&["CLUSTER", "NODES"]) else {
+                continue;
+            };
             for line in text.lines() {
                 let f: Vec<&str> = line.split_whitespace().collect();
                 if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
@@ -218,23 +243,30 @@ impl RedisCluster {
                         }
                     };
                     if (a..=b).contains(&slot) {
-                        if let Some(i) = self.nodes.iter().position(|x| x.port == port) {
-                            return i;
-                        }
+                        return self.nodes.iter().position(|x| x.port == port);
                     }
                 }
             }
             break;
         }
-        panic!("no master for slot {slot}");
+        None
     }
 
     pub fn dbsize_total(&self) -> u64 {
         self.nodes
             .iter()
             .filter(|n| n.child.is_some())
-            .filter(|n| n.cli(&["ROLE"]).map(|r| r.starts_with("master")).unwrap_or(false))
-            .map(|n| n.cli(&["DBSIZE"]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
+            .filter(|n| {
+                n.cli(&["ROLE"])
+                    .map(|r| r.starts_with("master"))
+                    .unwrap_or(false)
+            })
+            .map(|n| {
+                n.cli(&["DBSIZE"])
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0)
+            })
             .sum()
     }
 }
@@ -280,7 +312,7 @@ impl Service {
             .arg("--workers")
             .arg("2")
             .args(args)
-            .env("ML_LOG", "warn")
+            .env("ML_LOG", "warn,redis=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -377,7 +409,13 @@ pub async fn metric(c: &Client, prefix: &str) -> f64 {
 }
 
 /// Runs `n` checks with `conc` in flight, spread over `clients`; returns how many passed.
-pub async fn hammer(clients: &[Client], client_id: &str, rule: &str, n: usize, conc: usize) -> usize {
+pub async fn hammer(
+    clients: &[Client],
+    client_id: &str,
+    rule: &str,
+    n: usize,
+    conc: usize,
+) -> usize {
     use futures::stream::{self, StreamExt};
     let allowed = stream::iter(0..n)
         .map(|i| {
@@ -420,7 +458,10 @@ pub async fn multi_window_contract(c: &meshlimit_service::client::Client) {
 /// Two proxies report one key; shares follow demand and never sum above 1; an idle
 /// proxy's share returns to the pool after the TTL. Used by the Redis tests too.
 pub async fn sync_contract(c: &meshlimit_service::client::Client) {
-    let key = format!("{:016x}", uniq("k").len() as u64 ^ std::process::id() as u64 ^ rand_u64());
+    let key = format!(
+        "{:016x}",
+        uniq("k").len() as u64 ^ std::process::id() as u64 ^ rand_u64()
+    );
     let report = |proxy: &str, admitted: u64, rejected: u64| {
         json!({"proxy_id": proxy, "zone": "az1", "span_ms": 1000, "entries": [
             {"rule": "unknown-to-service", "key": key, "window_secs": 60, "max": 1000,
@@ -441,7 +482,10 @@ pub async fn sync_contract(c: &meshlimit_service::client::Client) {
         used = j["entries"][0]["used"].as_u64().unwrap();
         assert!(wa + wb <= 1.0 + 1e-9, "a={wa} b={wb}");
     }
-    assert!((wa - 0.86).abs() < 0.02 && (wb - 0.14).abs() < 0.02, "a={wa} b={wb}");
+    assert!(
+        (wa - 0.86).abs() < 0.02 && (wb - 0.14).abs() < 0.02,
+        "a={wa} b={wb}"
+    );
     assert_eq!(used, 600, "global count is the sum of what both admitted");
     // b stops reporting; after the TTL a gets everything.
     tokio::time::sleep(Duration::from_millis(2200)).await;
@@ -457,4 +501,3 @@ fn rand_u64() -> u64 {
         .unwrap()
         .as_nanos() as u64
 }
-
