@@ -4,8 +4,9 @@
 #   scripts/demo.sh           build, start, print how to try it, run until Ctrl-C
 #   scripts/demo.sh --check   build, start, send requests, show the 429s, stop
 #
-# Listener 127.0.0.1:10000, Envoy admin 127.0.0.1:9901, upstream 127.0.0.1:10080
-# (see envoy/envoy.yaml). Logs go to .run/demo/.
+# Listener 127.0.0.1:10000, Envoy admin 127.0.0.1:9901, upstream 127.0.0.1:10080, the
+# companion service (in-memory store) on 127.0.0.1:8080 (see envoy/envoy.yaml; the filter
+# does not call the companion yet). Logs go to .run/demo/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,14 +36,24 @@ say "building the filter (wasm32-wasip1, release)"
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
 cargo build --release --target wasm32-wasip1 -p meshlimit-filter
 
-say "building the demo upstream"
+say "building the demo upstream and the companion service"
 cargo build --release -p meshlimit-e2e --bin demo-upstream
+# The companion is optional here (the filter does not call it yet): a build failure
+# only leaves it out of the demo.
+WITH_SERVICE=1
+cargo build --release -p meshlimit-service --bin meshlimit-service || {
+  echo "warning: meshlimit-service did not build; the demo runs without it" >&2
+  WITH_SERVICE=0
+}
 
 say "installing Envoy (if needed)"
 ENVOY="$(scripts/install-envoy.sh)"
 "$ENVOY" --version
 
-for port in $LISTEN_PORT $ADMIN_PORT $UPSTREAM_PORT; do
+SERVICE_PORT=8080
+ports=("$LISTEN_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT")
+[[ $WITH_SERVICE == 1 ]] && ports+=("$SERVICE_PORT")
+for port in "${ports[@]}"; do
   if port_in_use "$port"; then
     echo "error: 127.0.0.1:$port is already in use (another demo running?)" >&2
     exit 1
@@ -60,10 +71,16 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-say "starting demo-upstream on 127.0.0.1:$UPSTREAM_PORT and Envoy on 127.0.0.1:$LISTEN_PORT"
+say "starting demo-upstream (:$UPSTREAM_PORT), the companion (:$SERVICE_PORT) and Envoy (:$LISTEN_PORT)"
 target/release/demo-upstream --port "$UPSTREAM_PORT" >"$RUN_DIR/upstream.log" 2>&1 &
 PIDS+=($!)
-# Both run as children of this script, which waits for them: Envoy stops when the demo
+if [[ $WITH_SERVICE == 1 ]]; then
+  # In-memory store, no auth: loopback-only demo.
+  target/release/meshlimit-service --listen "127.0.0.1:$SERVICE_PORT" --insecure-no-auth \
+    >"$RUN_DIR/service.log" 2>&1 &
+  PIDS+=($!)
+fi
+# They run as children of this script, which waits for them: Envoy stops when the demo
 # stops, and is never left running in the background of an interactive shell.
 "$ENVOY" -c envoy/envoy.yaml --concurrency 2 --disable-hot-restart \
   >"$RUN_DIR/envoy.log" 2>&1 &
@@ -78,7 +95,8 @@ for _ in $(seq 300); do
     exit 1
   fi
   if [[ "$(curl -s "http://127.0.0.1:$ADMIN_PORT/ready" || true)" == LIVE* ]] \
-    && port_in_use "$UPSTREAM_PORT"; then
+    && port_in_use "$UPSTREAM_PORT" \
+    && { [[ $WITH_SERVICE == 0 ]] || port_in_use "$SERVICE_PORT"; }; then
     ready=1
     break
   fi
@@ -128,7 +146,8 @@ fi
 cat <<EOF
 
 Envoy with meshlimit is listening on http://127.0.0.1:$LISTEN_PORT (admin :$ADMIN_PORT).
-Logs: $RUN_DIR/envoy.log, $RUN_DIR/upstream.log
+Logs: $RUN_DIR/envoy.log, $RUN_DIR/upstream.log, $RUN_DIR/service.log
+Companion service (in-memory store): $( [[ $WITH_SERVICE == 1 ]] && echo "http://127.0.0.1:$SERVICE_PORT" || echo "not running" )
 
 Try it (another terminal):
 
@@ -145,6 +164,6 @@ Try it (another terminal):
   # metrics
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep ^meshlimit_
 
-Ctrl-C stops Envoy and the upstream.
+Ctrl-C stops everything.
 EOF
 wait "$ENVOY_PID"
