@@ -98,6 +98,10 @@ pub struct Config {
     #[arg(long, env = "ML_STORE_TIMEOUT_MS", default_value_t = 50)]
     pub store_timeout_ms: u64,
 
+    /// Deadline of one `/v1/sync` batch (up to 10 000 entries, one pipeline per node).
+    #[arg(long, env = "ML_SYNC_TIMEOUT_MS", default_value_t = 1000)]
+    pub sync_timeout_ms: u64,
+
     /// What to answer when the store fails or is too slow.
     #[arg(
         long,
@@ -143,6 +147,10 @@ pub struct Config {
 impl Config {
     pub fn store_timeout(&self) -> Duration {
         Duration::from_millis(self.store_timeout_ms.max(1))
+    }
+
+    pub fn sync_timeout(&self) -> Duration {
+        Duration::from_millis(self.sync_timeout_ms.max(1))
     }
 
     /// Checks what clap cannot express; one line naming the flag.

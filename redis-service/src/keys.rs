@@ -67,7 +67,8 @@ impl KeyMaker {
         format!("{}:{{{tag}}}:t{window_secs}.{max}.{burst}", self.prefix)
     }
 
-    /// Per-proxy demand and grants of one sync key and window.
+    /// Per-proxy demand and grants of one sync key and window (in-memory store; in Redis
+    /// they live in the sliding-window hash itself, see `lua/sync.lua`).
     pub fn share_key(&self, tag: &str, window_secs: u64) -> String {
         format!("{}:{{{tag}}}:h{window_secs}", self.prefix)
     }

@@ -58,7 +58,9 @@ async fn run(cfg: Config) -> Result<(), String> {
         username: cfg.redis_username.clone(),
         password: cfg.load_redis_password()?,
         tls_insecure: cfg.redis_tls_insecure,
-        io_timeout: Duration::from_millis(cfg.store_timeout_ms.clamp(100, 2000) * 2),
+        // The connection-level bound must let the biggest batch through; each request
+        // has its own, shorter deadline on top (--store-timeout-ms / --sync-timeout-ms).
+        io_timeout: Duration::from_millis(cfg.store_timeout_ms.max(cfg.sync_timeout_ms).max(100)),
     };
     let mut memory: Option<Arc<MemoryStore>> = None;
     let (store, redis): (Arc<dyn Store>, Option<Arc<RedisStore>>) =

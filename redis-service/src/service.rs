@@ -41,6 +41,7 @@ pub struct Service {
     keys: KeyMaker,
     pub share: ShareParams,
     deadline: Duration,
+    sync_deadline: Duration,
 }
 
 impl Service {
@@ -64,6 +65,7 @@ impl Service {
                 max_peers: 256,
             },
             deadline: cfg.store_timeout(),
+            sync_deadline: cfg.sync_timeout(),
         }
     }
 
@@ -174,7 +176,7 @@ impl Service {
         if !self.fallback.is_degraded() && !ops.is_empty() {
             let t = Instant::now();
             let r = tokio::time::timeout(
-                self.deadline,
+                self.sync_deadline,
                 self.store.sync(&req.proxy_id, &ops, &self.share),
             )
             .await;

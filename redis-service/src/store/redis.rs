@@ -326,10 +326,7 @@ impl RedisStore {
     fn sync_call(&self, proxy: &str, op: &SyncOp, p: &ShareParams) -> Call {
         Call {
             lua: Lua::Sync,
-            keys: vec![
-                self.keys.sw_key(&op.tag, op.window_secs),
-                self.keys.share_key(&op.tag, op.window_secs),
-            ],
+            keys: vec![self.keys.sw_key(&op.tag, op.window_secs)],
             args: vec![
                 op.window_secs.to_string().into_bytes(),
                 op.max.to_string().into_bytes(),
