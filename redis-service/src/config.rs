@@ -63,6 +63,10 @@ pub struct Config {
     #[arg(long, env = "ML_REDIS_TLS_INSECURE")]
     pub redis_tls_insecure: bool,
 
+    /// With `rediss://`: PEM file of the CA to trust for the Redis servers' certificates.
+    #[arg(long, env = "ML_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Prefix of every Redis key.
     #[arg(long, env = "ML_KEY_PREFIX", default_value = "ml")]
     pub key_prefix: String,
@@ -203,6 +207,15 @@ impl Config {
             return Ok(Some(t.trim_end_matches(['\r', '\n']).to_string()));
         }
         Ok(self.redis_password.clone())
+    }
+
+    pub fn load_redis_ca(&self) -> Result<Option<Vec<u8>>, String> {
+        match &self.redis_ca_file {
+            Some(p) => std::fs::read(p)
+                .map(Some)
+                .map_err(|e| format!("--redis-ca-file {}: {e}", p.display())),
+            None => Ok(None),
+        }
     }
 
     pub fn load_client_hash_key(&self) -> Result<Vec<u8>, String> {

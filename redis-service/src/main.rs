@@ -26,6 +26,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // rediss:// goes through rustls; pick its crypto provider once for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Err(e) = cfg.validate() {
         eprintln!("meshlimit-service: {e}");
         std::process::exit(2);
@@ -58,6 +60,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         username: cfg.redis_username.clone(),
         password: cfg.load_redis_password()?,
         tls_insecure: cfg.redis_tls_insecure,
+        ca_pem: cfg.load_redis_ca()?,
         // The connection-level bound must let the biggest batch through; each request
         // has its own, shorter deadline on top (--store-timeout-ms / --sync-timeout-ms).
         io_timeout: Duration::from_millis(cfg.store_timeout_ms.max(cfg.sync_timeout_ms).max(100)),

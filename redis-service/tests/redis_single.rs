@@ -234,3 +234,24 @@ async fn sigterm_flushes_pending_counts() {
     // The first hit died with the old Redis (no persistence); 5 flushed + this one = 6.
     assert_eq!(r["remaining"], 44, "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let redis = RedisNode::start_tls();
+    let url = format!("rediss://localhost:{}", redis.port);
+    let ca = redis.dir.join("ca.pem");
+    let s = Service::start(&["--redis-url", &url, "--redis-ca-file", ca.to_str().unwrap()]);
+    let id = uniq("tls");
+    assert_eq!(s.client.get("/readyz").await.unwrap().status, 200);
+    assert_eq!(check(&s.client, &id, "big", 1).await["remaining"], 49);
+    assert_eq!(check(&s.client, &id, "big", 1).await["remaining"], 48);
+    assert_eq!(metric(&s.client, "meshlimit_degraded").await, 0.0);
+    // Without the CA the server is not trusted: not ready, answers from the fallback.
+    let untrusted = Service::start(&["--redis-url", &url]);
+    assert_eq!(untrusted.client.get("/readyz").await.unwrap().status, 503);
+    assert_eq!(
+        check(&untrusted.client, &id, "big", 1).await["allowed"],
+        true
+    );
+    assert_eq!(metric(&untrusted.client, "meshlimit_degraded").await, 1.0);
+}

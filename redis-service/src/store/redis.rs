@@ -97,6 +97,9 @@ pub struct RedisOptions {
     pub username: Option<String>,
     pub password: Option<String>,
     pub tls_insecure: bool,
+    /// PEM of the CA that signed the Redis servers' certificates (private CAs); without
+    /// it `rediss://` trusts the usual web PKI roots.
+    pub ca_pem: Option<Vec<u8>>,
     /// Bound on one connect / one response at the connection level (the caller also
     /// applies its own, shorter, request deadline).
     pub io_timeout: Duration,
@@ -157,6 +160,20 @@ fn conn_info(url: &str, o: &RedisOptions) -> Result<ConnectionInfo, String> {
         }
     }
     Ok(info)
+}
+
+fn open_client(info: ConnectionInfo, o: &RedisOptions) -> redis::RedisResult<Client> {
+    match (&o.ca_pem, &info.addr) {
+        (Some(pem), ConnectionAddr::TcpTls { .. }) => Client::build_with_tls(info, certs(pem)),
+        _ => Client::open(info),
+    }
+}
+
+fn certs(pem: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    }
 }
 
 fn err_from(e: redis::RedisError) -> StoreError {
@@ -360,7 +377,7 @@ impl Single {
         if let Some(c) = w.as_ref() {
             return Ok(c.clone());
         }
-        let client = Client::open(self.info.clone()).map_err(err_from)?;
+        let client = open_client(self.info.clone(), &self.opts).map_err(err_from)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(self.opts.io_timeout)
             .set_response_timeout(self.opts.io_timeout)
@@ -455,6 +472,9 @@ impl Cluster {
         if self.opts.tls_insecure {
             b = b.danger_accept_invalid_hostnames(true);
         }
+        if let Some(pem) = &self.opts.ca_pem {
+            b = b.certs(certs(pem));
+        }
         let client = b.build().map_err(err_from)?;
         let c = client.get_async_connection().await.map_err(err_from)?;
         *w = Some(c.clone());
@@ -540,8 +560,8 @@ impl Cluster {
                     let conn = match old.nodes.iter().find(|n| n.addr == addr) {
                         Some(n) => n.conn.clone(),
                         None => {
-                            let client =
-                                Client::open(self.node_info(&host, port)).map_err(err_from)?;
+                            let client = open_client(self.node_info(&host, port), &self.opts)
+                                .map_err(err_from)?;
                             let mut c = client
                                 .get_multiplexed_async_connection_with_config(&async_cfg(
                                     &self.opts,

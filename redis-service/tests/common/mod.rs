@@ -60,6 +60,28 @@ pub struct RedisNode {
     pub dir: PathBuf,
     child: Option<Child>,
     cluster: bool,
+    /// TLS only (`--port 0 --tls-port`), certificates in `dir` (see [`write_certs`]).
+    tls: bool,
+}
+
+/// A private CA and a server certificate for localhost / 127.0.0.1, as PEM files
+/// `ca.pem`, `server.pem`, `server.key` in `dir`.
+pub fn write_certs(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "meshlimit test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "localhost");
+    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
 }
 
 impl RedisNode {
@@ -72,6 +94,24 @@ impl RedisNode {
             dir,
             child: None,
             cluster,
+            tls: false,
+        };
+        n.spawn();
+        n
+    }
+
+    /// One node that speaks TLS only, with a certificate from a private CA.
+    pub fn start_tls() -> RedisNode {
+        require_redis();
+        let port = free_port();
+        let dir = tempdir(&format!("redis-tls-{port}"));
+        write_certs(&dir);
+        let mut n = RedisNode {
+            port,
+            dir,
+            child: None,
+            cluster: false,
+            tls: true,
         };
         n.spawn();
         n
@@ -79,9 +119,23 @@ impl RedisNode {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        if self.tls {
+            cmd.arg("--port")
+                .arg("0")
+                .arg("--tls-port")
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(self.dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(self.dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(self.dir.join("ca.pem"))
+                .arg("--tls-auth-clients")
+                .arg("no");
+        } else {
+            cmd.arg("--port").arg(self.port.to_string());
+        }
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
             .arg(&self.dir)
@@ -126,12 +180,14 @@ impl RedisNode {
     }
 
     pub fn cli(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("redis-cli")
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("-p").arg(self.port.to_string());
+        if self.tls {
+            cmd.arg("--tls")
+                .arg("--cacert")
+                .arg(self.dir.join("ca.pem"));
+        }
+        let out = cmd.args(args).output().map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).to_string());
         }
