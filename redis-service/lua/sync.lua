@@ -7,7 +7,8 @@
 --            i, c, p      window index, its count, the previous window's count (the same
 --                         fields sliding_window.lua uses, so reconciliation can add to it)
 --            @<proxy id>  "demand grant updated_ms" of each proxy reporting the key
--- ARGV     window_secs, max, admitted, proxy_id, rate (req/s), ttl_ms, floor, max_peers
+-- ARGV     window_secs, max, admitted, proxy_id, rate (req/s), ttl_ms, floor, max_peers,
+--          headroom
 -- Returns  {used, remaining, reset_at (unix s), grant * 1e9 (floored)}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -21,6 +22,7 @@ if rate ~= rate or rate < 0 then rate = 0 end
 local ttl = tonumber(ARGV[6])
 local floor = tonumber(ARGV[7])
 local max_peers = tonumber(ARGV[8])
+local headroom = tonumber(ARGV[9]) or 0
 
 local h = redis.call('HGETALL', KEYS[1])
 local si, c, p = nil, 0, 0
@@ -85,6 +87,7 @@ if known or n < max_peers then
   else
     target = 1 / n
   end
+  target = target * (1 - headroom)
   grant = math.max(0, math.min(target, 1 - others, 1))
   redis.call('HSET', KEYS[1], 'i', idx, 'c', c, 'p', p, me,
     string.format('%.17g %.17g %d', demand, grant, now_ms))

@@ -134,6 +134,12 @@ pub struct Config {
     #[arg(long, env = "ML_SHARE_FLOOR", default_value_t = 0.1)]
     pub share_floor: f64,
 
+    /// Part of each key's quota kept unallocated so a proxy that appears gets a share at
+    /// once rather than after the incumbents' next report; costs that fraction of
+    /// under-admission in steady state. In [0, 0.5].
+    #[arg(long, env = "ML_SHARE_HEADROOM", default_value_t = 0.0)]
+    pub share_headroom: f64,
+
     /// Most reconciliation entries kept while degraded; past it the oldest are dropped
     /// and counted in `meshlimit_reconcile_dropped_total`.
     #[arg(long, env = "ML_MAX_PENDING", default_value_t = 1_000_000)]
@@ -164,6 +170,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.share_floor) {
             return Err("--share-floor: must be in [0, 1]".into());
+        }
+        if !(0.0..=0.5).contains(&self.share_headroom) {
+            return Err("--share-headroom: must be in [0, 0.5]".into());
         }
         if self.share_ttl_ms == 0 {
             return Err("--share-ttl-ms: must be > 0".into());

@@ -106,11 +106,18 @@ async fn run(cfg: Config) -> Result<(), String> {
     let probe = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
         loop {
             tick.tick().await;
             probe_svc.probe().await;
-            if let Some(m) = &memory {
-                m.sweep();
+            n += 1;
+            // Sweeping walks every key: every ~5 s is plenty (expired keys are already
+            // ignored on read; the sweep only returns their memory).
+            if n.is_multiple_of((5000 / interval.as_millis().max(1) as u64).max(1)) {
+                probe_svc.fallback.sweep();
+                if let Some(m) = &memory {
+                    m.sweep();
+                }
             }
         }
     });

@@ -63,6 +63,7 @@ impl Service {
                 ttl_ms: cfg.share_ttl_ms,
                 floor: cfg.share_floor,
                 max_peers: 256,
+                headroom: cfg.share_headroom,
             },
             deadline: cfg.store_timeout(),
             sync_deadline: cfg.sync_timeout(),
@@ -249,7 +250,6 @@ impl Service {
 
     /// One probe step: while degraded, ping; when the store answers, reconcile and clear.
     pub async fn probe(&self) {
-        self.fallback.sweep();
         if !self.fallback.is_degraded() {
             return;
         }

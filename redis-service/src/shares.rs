@@ -8,10 +8,10 @@
 //! 1. peers not heard from for `ttl_ms` are dropped: idle proxies' shares return to the
 //!    pool;
 //! 2. `p`'s demand becomes `d_p = (d_p_old + rate) / 2` (just `rate` when new);
-//! 3. its target is `t_p = (1 − f)·d_p / Σd + f / n` (`n` live proxies, `f` the floor):
-//!    demand-proportional, plus an even part so no active proxy starves; `1/n` when
-//!    nobody has demand. A new proxy therefore starts from its demand-based share plus
-//!    `f/n`, never from the whole;
+//! 3. its target is `t_p = (1 − h)·((1 − f)·d_p / Σd + f / n)` (`n` live proxies, `f`
+//!    the floor, `h` the headroom, 0 by default): demand-proportional, plus an even part
+//!    so no active proxy starves; `(1 − h)/n` when nobody has demand. A new proxy's
+//!    target is its demand-based share plus `f/n`, never the whole;
 //! 4. its grant is `g_p = min(t_p, 1 − Σ_{q≠p} g_q)`: what the others currently hold
 //!    is never handed out twice, so **the grants of all live proxies sum to at most 1**
 //!    at every instant, whatever order reports arrive in.
@@ -41,6 +41,10 @@ pub struct ShareParams {
     /// Most proxies tracked per key; a newcomer beyond it is not stored and gets share 0
     /// (bounds memory and the script's work).
     pub max_peers: usize,
+    /// Part of the limit never handed out in steady state, so that a proxy that appears
+    /// gets at least this much at once (instead of waiting one report interval for the
+    /// incumbents to shrink). Costs the same fraction of under-admission.
+    pub headroom: f64,
 }
 
 impl Default for ShareParams {
@@ -49,6 +53,7 @@ impl Default for ShareParams {
             ttl_ms: 3000,
             floor: 0.1,
             max_peers: 256,
+            headroom: 0.0,
         }
     }
 }
@@ -87,7 +92,7 @@ pub fn allocate(
         (1.0 - floor) * demand / sum_d + floor / n as f64
     } else {
         1.0 / n as f64
-    };
+    } * (1.0 - p.headroom.clamp(0.0, 1.0));
     if !known && peers.len() >= p.max_peers {
         // Not tracked, so whatever it got would not be subtracted from the others'
         // grants: it gets nothing, which keeps the sum bound.
@@ -117,6 +122,7 @@ mod tests {
         ttl_ms: 3000,
         floor: 0.1,
         max_peers: 256,
+        headroom: 0.0,
     };
 
     #[test]
@@ -191,6 +197,27 @@ mod tests {
         let g = allocate(&mut peers, "b", 1.0, 6500 + P.ttl_ms + 1, &P);
         assert_eq!(g, 1.0);
         assert_eq!(peers.len(), 1);
+    }
+
+    #[test]
+    fn headroom_gives_a_newcomer_a_share_at_once() {
+        let p = ShareParams {
+            headroom: 0.05,
+            ..P
+        };
+        let mut peers = HashMap::new();
+        for i in 0..5 {
+            allocate(&mut peers, "a", 1000.0, i * 1000, &p);
+        }
+        assert!((sum(&peers) - 0.95).abs() < 1e-9);
+        let b = allocate(&mut peers, "b", 1000.0, 5000, &p);
+        assert!((b - 0.05).abs() < 1e-9, "b got {b}");
+        // Without headroom the newcomer waits for a's next report.
+        let mut peers = HashMap::new();
+        allocate(&mut peers, "a", 1000.0, 0, &P);
+        assert_eq!(allocate(&mut peers, "b", 1000.0, 1, &P), 0.0);
+        allocate(&mut peers, "a", 1000.0, 1000, &P);
+        assert!(allocate(&mut peers, "b", 1000.0, 1001, &P) >= 0.5 - 1e-9);
     }
 
     #[test]

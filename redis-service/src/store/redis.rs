@@ -353,6 +353,7 @@ impl RedisStore {
                 p.ttl_ms.to_string().into_bytes(),
                 format!("{:.6}", p.floor).into_bytes(),
                 p.max_peers.to_string().into_bytes(),
+                format!("{:.6}", p.headroom).into_bytes(),
             ],
         }
     }
