@@ -16,7 +16,10 @@
 # connections) pinned to CPU 1. The route is an Envoy direct_response (200, 2 bytes), so
 # no upstream shares the CPU and the figures are Envoy + filter only. Rounds interleave
 # the cases (none, native, wasm-1, wasm-10k, none, ...) so drift hits every case alike;
-# each figure is the median over rounds. Any non-2xx answer makes the run fail.
+# each figure is the median over rounds, with the per-round req/s range beside it. With
+# 8 connections Envoy is saturated, so p50/p99 include queueing (latency ~ 8 / req/s);
+# CONNECTIONS=1 shows the unloaded per-request latency instead. Any non-2xx answer or
+# socket error makes the run fail.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -209,17 +212,22 @@ for line in open(sys.argv[1]):
     rows.setdefault(kv["case"], []).append(kv)
 bad = [r for rs in rows.values() for r in rs if int(r["non2xx"]) or int(r["socket_errors"])]
 med = {}
+spread = {}
 for case, rs in rows.items():
-    rps = statistics.median(int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in rs)
+    rates = [int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in rs]
     p50 = statistics.median(int(r["p50_us"]) for r in rs)
     p99 = statistics.median(int(r["p99_us"]) for r in rs)
-    med[case] = (rps, p50, p99)
+    med[case] = (statistics.median(rates), p50, p99)
+    spread[case] = (min(rates), max(rates))
 print()
-print(f"{'case':<10} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'vs none':>8} {'vs native':>10}")
+print(f"{'case':<10} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'vs none':>8} {'vs native':>10}"
+      f"  {'req/s min..max':>16}")
 for case, (rps, p50, p99) in med.items():
+    lo, hi = spread[case]
     print(f"{case:<10} {rps:>9.0f} {p50:>8.0f} {p99:>8.0f} "
-          f"{rps / med['none'][0]:>8.2f} {rps / med['native'][0]:>10.2f}")
-print("(medians over rounds; ratios are req/s relative to the case named)")
+          f"{rps / med['none'][0]:>8.2f} {rps / med['native'][0]:>10.2f}  {lo:>7.0f}..{hi:<7.0f}")
+print("(medians over rounds; ratios are median req/s relative to the case named;\n"
+      " a wide min..max means other work on the machine disturbed the run)")
 if bad:
     print(f"FAILED: {len(bad)} runs had non-2xx answers or socket errors", file=sys.stderr)
     sys.exit(1)
