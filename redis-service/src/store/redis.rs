@@ -63,14 +63,41 @@ impl Lua {
     const ALL: [Lua; 3] = [Lua::SlidingWindow, Lua::TokenBucket, Lua::Sync];
 }
 
+/// Most sync entries per script call: bounds how long one call blocks its Redis node
+/// (~a few µs per entry).
+const SYNC_CHUNK: usize = 256;
+/// `lua/sync.lua`: leading ARGV shared by all entries, then ARGV per entry.
+const SYNC_COMMON_ARGS: usize = 5;
+const SYNC_ENTRY_ARGS: usize = 5;
+
 /// One script call, ready to be sent as `EVALSHA` (or `EVAL` on the retry path).
 struct Call {
     lua: Lua,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
+    /// Sync entries carried (their keys are in `args`); 0 for the check scripts.
+    entries: usize,
 }
 
 impl Call {
+    /// A multi-entry sync call as one call per entry (for the cluster client's retry
+    /// path, which routes one slot per command).
+    fn split(&self) -> Vec<Call> {
+        (0..self.entries)
+            .map(|e| {
+                let at = SYNC_COMMON_ARGS + e * SYNC_ENTRY_ARGS;
+                let mut args = self.args[..SYNC_COMMON_ARGS].to_vec();
+                args.extend_from_slice(&self.args[at..at + SYNC_ENTRY_ARGS]);
+                Call {
+                    lua: self.lua,
+                    keys: vec![String::from_utf8_lossy(&self.args[at]).to_string()],
+                    args,
+                    entries: 1,
+                }
+            })
+            .collect()
+    }
+
     fn slot(&self) -> u16 {
         slot(&self.keys[0])
     }
@@ -337,24 +364,59 @@ impl RedisStore {
             },
             keys,
             args,
+            entries: 0,
         }
     }
 
-    fn sync_call(&self, proxy: &str, op: &SyncOp, p: &ShareParams) -> Call {
+    /// One script call for `entries` (indices into `ops`/`keys`), all on one node.
+    fn sync_call(
+        &self,
+        proxy: &str,
+        entries: &[usize],
+        ops: &[SyncOp],
+        keys: &[String],
+        p: &ShareParams,
+    ) -> Call {
+        let mut args: Vec<Vec<u8>> =
+            Vec::with_capacity(SYNC_COMMON_ARGS + entries.len() * SYNC_ENTRY_ARGS);
+        args.push(proxy.as_bytes().to_vec());
+        args.push(p.ttl_ms.to_string().into_bytes());
+        args.push(format!("{:.6}", p.floor).into_bytes());
+        args.push(p.max_peers.to_string().into_bytes());
+        args.push(format!("{:.6}", p.headroom).into_bytes());
+        for &i in entries {
+            let op = &ops[i];
+            args.push(keys[i].as_bytes().to_vec());
+            args.push(op.window_secs.to_string().into_bytes());
+            args.push(op.max.to_string().into_bytes());
+            args.push(op.admitted.to_string().into_bytes());
+            args.push(format!("{:.6}", op.rate).into_bytes());
+        }
         Call {
             lua: Lua::Sync,
-            keys: vec![self.keys.sw_key(&op.tag, op.window_secs)],
-            args: vec![
-                op.window_secs.to_string().into_bytes(),
-                op.max.to_string().into_bytes(),
-                op.admitted.to_string().into_bytes(),
-                proxy.as_bytes().to_vec(),
-                format!("{:.6}", op.rate).into_bytes(),
-                p.ttl_ms.to_string().into_bytes(),
-                format!("{:.6}", p.floor).into_bytes(),
-                p.max_peers.to_string().into_bytes(),
-                format!("{:.6}", p.headroom).into_bytes(),
-            ],
+            keys: vec![keys[entries[0]].clone()],
+            args,
+            entries: entries.len(),
+        }
+    }
+
+    /// Indices of `keys` grouped by the node that serves them (one group for one node).
+    fn group_by_node(&self, keys: &[String]) -> Vec<Vec<usize>> {
+        match &self.backend {
+            Backend::Single(_) => vec![(0..keys.len()).collect()],
+            Backend::Cluster(c) => {
+                let topo = c.topo.read().clone();
+                let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+                let mut unknown = Vec::new();
+                for (i, k) in keys.iter().enumerate() {
+                    match topo.slots.get(slot(k) as usize) {
+                        Some(&n) if n != u16::MAX => groups.entry(n).or_default().push(i),
+                        // Unknown layout: one call each, the run's retry path places them.
+                        _ => unknown.push(vec![i]),
+                    }
+                }
+                groups.into_values().chain(unknown).collect()
+            }
         }
     }
 
@@ -447,6 +509,39 @@ async fn pipeline<'a, C: ConnectionLike + Send>(
             (0..n).map(|_| Err(e.clone())).collect()
         }
     }
+}
+
+/// One call through the cluster client. A multi-entry sync call is split into one call
+/// per entry (the client routes one slot per command); the replies are put back together
+/// as one array, with `Nil` for an entry that still failed.
+async fn retry_call(conn: ClusterConnection, call: &Call, rt: &AtomicU64) -> ItemResult<Value> {
+    async fn one(mut conn: ClusterConnection, call: &Call, rt: &AtomicU64) -> ItemResult<Value> {
+        rt.fetch_add(1, Ordering::Relaxed);
+        match call.cmd(false).query_async::<Value>(&mut conn).await {
+            Ok(Value::ServerError(e)) => Err(StoreError::Failed(format!("{e:?}"))),
+            Ok(v) => Ok(v),
+            Err(e) => Err(err_from(e)),
+        }
+    }
+    if call.entries <= 1 {
+        return one(conn, call, rt).await;
+    }
+    let parts = call.split();
+    let results = join_all(parts.iter().map(|c| one(conn.clone(), c, rt))).await;
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        if results.iter().all(|r| r.is_err()) {
+            return Err(e.clone());
+        }
+    }
+    Ok(Value::Array(
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(Value::Array(mut v)) if v.len() == 1 => v.pop().unwrap_or(Value::Nil),
+                _ => Value::Nil,
+            })
+            .collect(),
+    ))
 }
 
 impl Cluster {
@@ -678,20 +773,11 @@ impl Cluster {
             }
         };
         let again = retry.iter().map(|&i| {
-            let mut conn = conn.clone();
-            let cmd = calls[i].cmd(false);
-            async move {
-                rt.fetch_add(1, Ordering::Relaxed);
-                let r: Result<Value, _> = cmd.query_async(&mut conn).await;
-                (i, r)
-            }
+            let conn = conn.clone();
+            async move { (i, retry_call(conn, &calls[i], rt).await) }
         });
         for (i, r) in join_all(again).await {
-            out[i] = match r {
-                Ok(Value::ServerError(e)) => Err(StoreError::Failed(format!("{e:?}"))),
-                Ok(v) => Ok(v),
-                Err(e) => Err(err_from(e)),
-            };
+            out[i] = r;
         }
         // Learn the new layout for the next batch (also loads scripts on new masters).
         let _ = self.refresh(false).await;
@@ -749,15 +835,48 @@ impl Store for RedisStore {
         ops: &[SyncOp],
         params: &ShareParams,
     ) -> Vec<ItemResult<SyncOutcome>> {
-        let calls = ops
+        if ops.is_empty() {
+            return Vec::new();
+        }
+        let keys: Vec<String> = ops
             .iter()
-            .map(|op| self.sync_call(proxy, op, params))
+            .map(|op| self.keys.sw_key(&op.tag, op.window_secs))
             .collect();
-        self.run(calls)
-            .await
-            .into_iter()
-            .map(|r| r.and_then(sync_outcome))
-            .collect()
+        let mut calls = Vec::new();
+        let mut owners: Vec<Vec<usize>> = Vec::new();
+        for group in self.group_by_node(&keys) {
+            for chunk in group.chunks(SYNC_CHUNK) {
+                calls.push(self.sync_call(proxy, chunk, ops, &keys, params));
+                owners.push(chunk.to_vec());
+            }
+        }
+        let mut out: Vec<ItemResult<SyncOutcome>> = (0..ops.len())
+            .map(|_| Err(StoreError::Failed("no reply".into())))
+            .collect();
+        for (r, owner) in self.run(calls).await.into_iter().zip(owners) {
+            match r {
+                Ok(Value::Array(items)) if items.len() == owner.len() => {
+                    for (item, i) in items.into_iter().zip(owner) {
+                        out[i] = sync_outcome(item);
+                    }
+                }
+                Ok(other) => {
+                    let e = match other {
+                        Value::ServerError(e) => StoreError::Failed(format!("{e:?}")),
+                        v => StoreError::Failed(format!("unexpected sync reply {v:?}")),
+                    };
+                    for i in owner {
+                        out[i] = Err(e.clone());
+                    }
+                }
+                Err(e) => {
+                    for i in owner {
+                        out[i] = Err(e.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
