@@ -492,3 +492,26 @@ fn a_hundred_thousand_clients_keep_memory_bounded() {
     assert_eq!(s, [200, 200, 200, 200, 200, 429, 429]);
     assert_no_vm_failure(&envoy);
 }
+
+#[test]
+fn the_table_is_allocated_once_at_start_and_sized_by_max_clients() {
+    // The whole bound is paid at start: keys for every set exist, empty, before any
+    // request. This measures what an empty set costs in Envoy's heap.
+    let upstream = Upstream::start();
+    let rule = r#""rules":[{"id":"t","match":{"path":"/t"},"limits":[{"window":"1s","max":5}]}]"#;
+    let heap = |max_clients: u64| {
+        let envoy = Envoy::start(
+            &format!(r#"{{{rule},"max_clients":{max_clients}}}"#),
+            &upstream,
+        );
+        assert_eq!(envoy.send(&key("/t", "x")).status, 200);
+        envoy.memory_allocated()
+    };
+    let small = heap(16); // 8 sets
+    let large = heap(1_000_000); // 524,288 sets
+    let per_set = large.saturating_sub(small) / (524_288 - 8);
+    eprintln!(
+        "envoy heap: {small} B with 8 sets, {large} B with 524288 sets: {per_set} B per empty set"
+    );
+    assert!((30..=250).contains(&per_set), "{per_set} B per set");
+}
