@@ -131,7 +131,7 @@ pub struct Config {
 
     /// Part of each key's quota split evenly among active proxies rather than by demand,
     /// so that no active proxy starves, in [0, 1].
-    #[arg(long, env = "ML_SHARE_FLOOR", default_value_t = 0.1)]
+    #[arg(long, env = "ML_SHARE_FLOOR", default_value_t = 0.05)]
     pub share_floor: f64,
 
     /// Part of each key's quota kept unallocated so a proxy that appears gets a share at
