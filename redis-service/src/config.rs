@@ -59,7 +59,7 @@ pub struct Config {
     #[arg(long, env = "ML_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
 
-    /// With `rediss://`: skip certificate host name verification (test setups only).
+    /// With `rediss://`: do not verify the server certificate at all (test setups only).
     #[arg(long, env = "ML_REDIS_TLS_INSECURE")]
     pub redis_tls_insecure: bool,
 
