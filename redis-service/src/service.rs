@@ -253,13 +253,19 @@ impl Service {
         if !self.fallback.is_degraded() {
             return;
         }
-        let ping = tokio::time::timeout(
-            self.deadline.max(Duration::from_millis(500)),
-            self.store.ping(),
-        )
-        .await;
-        if !matches!(ping, Ok(Ok(()))) {
-            return;
+        let ping =
+            tokio::time::timeout(self.deadline.max(Duration::from_secs(2)), self.store.ping())
+                .await;
+        match ping {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!("probe: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("probe: ping timed out");
+                return;
+            }
         }
         match self
             .fallback

@@ -104,6 +104,35 @@ async fn cluster_keys_everywhere_and_failover_under_traffic() {
             }
         }));
     }
+    // And one proxy reporting 200 keys (on every master) in a loop.
+    let reports = Arc::new(AtomicU64::new(0));
+    let sync_keys: Vec<String> = (0..200)
+        .map(|i| format!("{:016x}", 0xfa11_0000u64 + i))
+        .collect();
+    {
+        let (stop, reports, errors) = (stop.clone(), reports.clone(), errors.clone());
+        let client = c.clone();
+        let keys = sync_keys.clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let entries: Vec<_> = keys
+                    .iter()
+                    .map(|k| json!({"rule": "fo", "key": k, "window_secs": 3600, "max": 1000000, "admitted": 1}))
+                    .collect();
+                match client
+                    .post_json("/v1/sync", &json!({"proxy_id": "p-fo", "span_ms": 100, "entries": entries}))
+                    .await
+                {
+                    Ok(r) if r.status == 200 => {
+                        reports.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let before_kill = admitted.load(Ordering::Relaxed);
     cluster.nodes[victim].kill();
@@ -178,4 +207,33 @@ async fn cluster_keys_everywhere_and_failover_under_traffic() {
         slowest_ms.load(Ordering::Relaxed) < 2000,
         "an answer took too long"
     );
+
+    // Sync counts survived too: every key's global count is the number of reports that
+    // were answered, within the failover bound (the last report, here 1 per key).
+    let n = reports.load(Ordering::Relaxed) as i64;
+    assert!(n > 5, "only {n} reports");
+    let entries: Vec<_> = sync_keys
+        .iter()
+        .map(
+            |k| json!({"rule": "fo", "key": k, "window_secs": 3600, "max": 1000000, "admitted": 0}),
+        )
+        .collect();
+    let j = c
+        .post_json(
+            "/v1/sync",
+            &json!({"proxy_id": "p-fo", "span_ms": 100, "entries": entries}),
+        )
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(j["degraded"], false, "{j}");
+    let used: Vec<i64> = j["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["used"].as_i64().unwrap())
+        .collect();
+    let worst = used.iter().map(|u| (n - u).abs()).max().unwrap();
+    println!("sync under failover: {n} reports of 200 keys, worst key off by {worst}");
+    assert!(worst <= 2, "{n} reports but per-key counts {used:?}");
 }

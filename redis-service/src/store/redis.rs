@@ -611,18 +611,68 @@ impl Cluster {
         if self.refreshing.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let r = self.refresh_inner().await;
-        self.refreshing.store(false, Ordering::Release);
-        r
+        // Reset on drop: the caller's deadline may cancel this future half way, and a
+        // flag left set would stop every later refresh.
+        struct Reset<'a>(&'a AtomicBool);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _reset = Reset(&self.refreshing);
+        self.refresh_inner().await
     }
 
-    async fn refresh_inner(&self) -> Result<(), StoreError> {
+    /// `CLUSTER SLOTS` from the first node that answers: the masters we know, then the
+    /// seed nodes, then the cluster client. Asked directly rather than only through the
+    /// cluster client, whose own view may be what is stuck during a failover.
+    async fn cluster_slots(&self) -> Result<Value, StoreError> {
+        let quick = Duration::from_millis(300);
+        let known: Vec<MultiplexedConnection> = self
+            .topo
+            .read()
+            .nodes
+            .iter()
+            .map(|n| n.conn.clone())
+            .collect();
+        for mut c in known {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SLOTS");
+            if let Ok(Ok(v)) = tokio::time::timeout(quick, cmd.query_async::<Value>(&mut c)).await {
+                return Ok(v);
+            }
+        }
+        for seed in &self.seeds {
+            let Ok(client) = open_client(seed.clone(), &self.opts) else {
+                continue;
+            };
+            let cfg = async_cfg(&self.opts)
+                .set_connection_timeout(quick)
+                .set_response_timeout(quick);
+            let Ok(mut c) = client
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await
+            else {
+                continue;
+            };
+            if let Ok(v) = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Value>(&mut c)
+                .await
+            {
+                return Ok(v);
+            }
+        }
         let mut conn = self.get().await?;
-        let v: Value = redis::cmd("CLUSTER")
+        redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query_async(&mut conn)
             .await
-            .map_err(err_from)?;
+            .map_err(err_from)
+    }
+
+    async fn refresh_inner(&self) -> Result<(), StoreError> {
+        let v = self.cluster_slots().await?;
         let Value::Array(ranges) = v else {
             return Err(StoreError::Failed("CLUSTER SLOTS: not an array".into()));
         };
@@ -776,8 +826,14 @@ impl Cluster {
             let conn = conn.clone();
             async move { (i, retry_call(conn, &calls[i], rt).await) }
         });
+        let mut timed_out = false;
         for (i, r) in join_all(again).await {
+            timed_out |= matches!(&r, Err(StoreError::Unavailable(m)) if m.contains("timed out"));
             out[i] = r;
+        }
+        if timed_out {
+            // The cluster client may be wedged on a dead node; start a fresh one next time.
+            *self.conn.write().await = None;
         }
         // Learn the new layout for the next batch (also loads scripts on new masters).
         let _ = self.refresh(false).await;
@@ -785,26 +841,44 @@ impl Cluster {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.get().await?;
-        let info: String = redis::cmd("CLUSTER")
-            .arg("INFO")
-            .query_async(&mut conn)
-            .await
-            .map_err(err_from)?;
-        if !info.contains("cluster_state:ok") {
-            return Err(StoreError::Failed("cluster_state is not ok".into()));
-        }
-        self.refresh(false).await?;
+        self.refresh(true).await?;
         let topo = self.topo.read().clone();
         if topo.slots.contains(&u16::MAX) {
             return Err(StoreError::Failed("some slots have no master".into()));
         }
-        for n in &topo.nodes {
+        // Every master, concurrently, each with a short bound of its own: a dead node
+        // must be noticed (and dropped) rather than eat the whole probe deadline.
+        let pings = topo.nodes.iter().map(|n| async move {
             let mut c = n.conn.clone();
-            let r: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
-            if let Err(e) = r {
-                self.forget(&n.addr);
-                return Err(err_from(e));
+            let r = tokio::time::timeout(
+                Duration::from_millis(300),
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async::<String>(&mut c),
+            )
+            .await;
+            (n, r)
+        });
+        for (n, r) in join_all(pings).await {
+            match r {
+                Ok(Ok(info)) if info.contains("cluster_state:ok") => {}
+                Ok(Ok(_)) => {
+                    return Err(StoreError::Failed(format!(
+                        "{}:{}: cluster_state is not ok",
+                        n.addr.0, n.addr.1
+                    )))
+                }
+                Ok(Err(e)) => {
+                    self.forget(&n.addr);
+                    return Err(err_from(e));
+                }
+                Err(_) => {
+                    self.forget(&n.addr);
+                    return Err(StoreError::Unavailable(format!(
+                        "{}:{} does not answer PING",
+                        n.addr.0, n.addr.1
+                    )));
+                }
             }
         }
         Ok(())

@@ -368,7 +368,10 @@ impl Service {
             .arg("--workers")
             .arg("2")
             .args(args)
-            .env("ML_LOG", "warn,redis=error")
+            .env(
+                "ML_LOG",
+                std::env::var("ML_TEST_LOG").unwrap_or_else(|_| "warn,redis=error".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
