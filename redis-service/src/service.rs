@@ -81,10 +81,20 @@ impl Service {
         self.rules.read().len()
     }
 
+    /// The item that failed is answered by the fallback either way. Only an unreachable
+    /// store (connection, deadline) switches the whole service to degraded mode; an
+    /// error about one item (e.g. a script refused while its slot migrates) does not
+    /// stop the others from using the store. What the fallback admits is written back
+    /// by the probe in both cases.
     fn store_failed(&self, e: &StoreError) {
         self.metrics.store_error(e.kind());
-        if self.fallback.set_degraded(true) {
-            tracing::warn!("store failing, answering from the fallback: {e}");
+        match e {
+            StoreError::Unavailable(_) => {
+                if self.fallback.set_degraded(true) {
+                    tracing::warn!("store failing, answering from the fallback: {e}");
+                }
+            }
+            StoreError::Failed(_) => tracing::debug!("store refused one item: {e}"),
         }
     }
 
@@ -251,6 +261,16 @@ impl Service {
     /// One probe step: while degraded, ping; when the store answers, reconcile and clear.
     pub async fn probe(&self) {
         if !self.fallback.is_degraded() {
+            // Items that failed alone (not a store outage) still owe their counts.
+            if self.fallback.pending_len() > 0 {
+                if let Err(e) = self
+                    .fallback
+                    .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
+                    .await
+                {
+                    tracing::warn!("reconciliation incomplete: {e}");
+                }
+            }
             return;
         }
         let ping =

@@ -237,3 +237,165 @@ async fn cluster_keys_everywhere_and_failover_under_traffic() {
     println!("sync under failover: {n} reports of 200 keys, worst key off by {worst}");
     assert!(worst <= 2, "{n} reports but per-key counts {used:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_migrating_under_traffic() {
+    // Resharding moves slots (and their keys) between masters while requests run: the
+    // service meets ASK and MOVED, follows them, and loses no count.
+    let cluster = RedisCluster::start();
+    let s = Service::start(&[
+        "--redis-cluster",
+        &cluster.seeds(),
+        "--store-timeout-ms",
+        "500",
+    ]);
+    let c = &s.client;
+    let ids: Vec<String> = (0..100).map(|i| format!("{}-{i}", uniq("mig"))).collect();
+    let sync_keys: Vec<String> = (0..300)
+        .map(|i| format!("{:016x}", 0x9a00_0000u64 + i))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let reports = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..3 {
+        let (stop, errors, admitted) = (stop.clone(), errors.clone(), admitted.clone());
+        let (client, ids) = (c.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                let id = &ids[i % ids.len()];
+                i += 3;
+                match client
+                    .post_json(
+                        "/rate-limit/check",
+                        &json!({"client_id": id, "rule_id": "many"}),
+                    )
+                    .await
+                {
+                    Ok(r) if r.status == 200 && r.json()["allowed"] == true => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    {
+        let (stop, errors, reports) = (stop.clone(), errors.clone(), reports.clone());
+        let (client, keys) = (c.clone(), sync_keys.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let entries: Vec<_> = keys
+                    .iter()
+                    .map(|k| json!({"rule": "mig", "key": k, "window_secs": 3600, "max": 1000000, "admitted": 1}))
+                    .collect();
+                match client
+                    .post_json("/v1/sync", &json!({"proxy_id": "p", "span_ms": 100, "entries": entries}))
+                    .await
+                {
+                    Ok(r) if r.status == 200 => {
+                        reports.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Move 3000 slots from the master holding slot 0 to another master.
+    let from = cluster.master_of(0);
+    let to = cluster.master_of(16383);
+    let id_of = |i: usize| {
+        cluster.nodes[i]
+            .cli(&["CLUSTER", "MYID"])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (from_id, to_id, port) = (id_of(from), id_of(to), cluster.nodes[from].port);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{port}"),
+                "--cluster-from",
+                &from_id,
+                "--cluster-to",
+                &to_id,
+                "--cluster-slots",
+                "3000",
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "10",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cluster.master_of(0), to, "slot 0 moved");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "every request answered");
+
+    // Counts: checks and reports all in Redis (a timed-out call may be counted twice).
+    let mut counted = 0;
+    for id in &ids {
+        let r = check(c, id, "many", 1).await;
+        counted += 1_000_000 - r["remaining"].as_u64().unwrap() - 1;
+    }
+    let total = admitted.load(Ordering::Relaxed);
+    let n = reports.load(Ordering::Relaxed) as i64;
+    let entries: Vec<_> = sync_keys
+        .iter()
+        .map(|k| json!({"rule": "mig", "key": k, "window_secs": 3600, "max": 1000000, "admitted": 0}))
+        .collect();
+    let j = c
+        .post_json(
+            "/v1/sync",
+            &json!({"proxy_id": "p", "span_ms": 100, "entries": entries}),
+        )
+        .await
+        .unwrap()
+        .json();
+    let worst = j["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (n - e["used"].as_i64().unwrap()).abs())
+        .max()
+        .unwrap();
+    let fallback = metric(
+        c,
+        "meshlimit_decisions_total{endpoint=\"check\",decision=\"allowed\",source=\"fallback\"}",
+    )
+    .await;
+    println!(
+        "migration: {total} checks admitted, {counted} counted; {n} reports, worst sync key off by {worst}; {fallback} checks from the fallback"
+    );
+    assert!(
+        counted >= total && counted <= total + 5,
+        "admitted {total}, counted {counted}"
+    );
+    assert!(worst <= 1, "sync counts off by {worst}");
+    // A migrating slot must not push everything else off the store.
+    assert!(
+        fallback <= total as f64 / 10.0,
+        "{fallback} of {total} checks answered by the fallback"
+    );
+}

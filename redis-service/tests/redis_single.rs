@@ -322,3 +322,58 @@ async fn lua_shares_match_the_rust_reference() {
     let w = r["entries"][0]["weight"].as_f64().unwrap();
     assert!(w > 0.01 && w <= 0.05 + 1e-9, "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_answers_within_the_deadline() {
+    let redis = RedisNode::start(false);
+    let s = Service::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--store-timeout-ms",
+        "50",
+        "--probe-interval-ms",
+        "100",
+    ]);
+    let id = uniq("slow");
+    assert_eq!(check(&s.client, &id, "many", 1).await["remaining"], 999_999);
+    // Redis stops answering anyone for 1.5 s.
+    redis.cli(&["CLIENT", "PAUSE", "1500", "ALL"]).unwrap();
+    let t = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut n = 0;
+    while t.elapsed() < Duration::from_millis(1000) {
+        let q = std::time::Instant::now();
+        assert_eq!(check(&s.client, &id, "many", 1).await["allowed"], true);
+        slowest = slowest.max(q.elapsed());
+        n += 1;
+    }
+    assert!(n >= 5);
+    assert!(
+        slowest < Duration::from_millis(300),
+        "slowest answer {slowest:?} with a 50 ms deadline"
+    );
+    assert_eq!(metric(&s.client, "meshlimit_degraded").await, 1.0);
+    // Once Redis answers again the service leaves degraded mode and writes back what the
+    // fallback admitted (the call that timed out may also have landed: counted twice at
+    // worst, never lost).
+    wait_for(Duration::from_secs(10), || {
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{}/readyz", s.addr),
+            ])
+            .output()
+            .map(|o| o.stdout == b"200")
+            .unwrap_or(false)
+    });
+    let r = check(&s.client, &id, "many", 1).await;
+    let used = 1_000_000 - r["remaining"].as_i64().unwrap();
+    assert!(
+        used == n + 2 || used == n + 3,
+        "{n} + 2 hits admitted, Redis counts {used}"
+    );
+}

@@ -516,11 +516,32 @@ async fn pipeline<'a, C: ConnectionLike + Send>(
 /// as one array, with `Nil` for an entry that still failed.
 async fn retry_call(conn: ClusterConnection, call: &Call, rt: &AtomicU64) -> ItemResult<Value> {
     async fn one(mut conn: ClusterConnection, call: &Call, rt: &AtomicU64) -> ItemResult<Value> {
-        rt.fetch_add(1, Ordering::Relaxed);
-        match call.cmd(false).query_async::<Value>(&mut conn).await {
-            Ok(Value::ServerError(e)) => Err(StoreError::Failed(format!("{e:?}"))),
-            Ok(v) => Ok(v),
-            Err(e) => Err(err_from(e)),
+        // While a slot migrates, a script sent to the importing node after ASK can be
+        // refused as touching a "non local key" (Redis 7.0 checks the script's own
+        // accesses without the ASKING flag); moving one slot takes milliseconds, so
+        // retry a few times. The request deadline bounds all of it.
+        let mut attempt = 0u64;
+        loop {
+            rt.fetch_add(1, Ordering::Relaxed);
+            let r = call.cmd(false).query_async::<Value>(&mut conn).await;
+            let migrating = match &r {
+                Ok(v) => retryable(v),
+                Err(e) => {
+                    e.code()
+                        .is_some_and(|c| matches!(c, "TRYAGAIN" | "ASK" | "MOVED"))
+                        || e.to_string().contains("non local key")
+                }
+            };
+            if migrating && attempt < 8 {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                continue;
+            }
+            return match r {
+                Ok(Value::ServerError(e)) => Err(StoreError::Failed(format!("{e:?}"))),
+                Ok(v) => Ok(v),
+                Err(e) => Err(err_from(e)),
+            };
         }
     }
     if call.entries <= 1 {
