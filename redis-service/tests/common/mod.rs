@@ -28,11 +28,19 @@ pub fn tempdir(tag: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
+    // Tests of one binary run in parallel: never hand out a port twice.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     // Cluster nodes also listen on port + 10000: keep both free and below 55535.
     loop {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
-        if p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+        let mut given = GIVEN.lock().unwrap();
+        if p < 55000
+            && !given.contains(&p)
+            && !given.contains(&(p + 10000))
+            && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok()
+        {
+            given.push(p);
             return p;
         }
     }
