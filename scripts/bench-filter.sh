@@ -37,9 +37,7 @@ if [[ "$(nproc)" -lt 2 ]]; then
 fi
 
 echo "== building the filter"
-rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
-cargo build --release --target wasm32-wasip1 -p meshlimit-filter
-WASM="$ROOT/target/wasm32-wasip1/release/meshlimit_filter.wasm"
+WASM="$(scripts/build-filter.sh)"
 
 echo "== Envoy and wrk"
 ENVOY="$(scripts/install-envoy.sh)"

@@ -32,9 +32,8 @@ fi
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-say "building the filter (wasm32-wasip1, release)"
-rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
-cargo build --release --target wasm32-wasip1 -p meshlimit-filter
+say "building the filter (target/meshlimit.wasm)"
+scripts/build-filter.sh
 
 say "building the demo upstream and the companion service"
 cargo build --release -p meshlimit-e2e --bin demo-upstream

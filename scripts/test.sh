@@ -24,9 +24,8 @@ if [[ -f scripts/install-redis.sh ]]; then
   bash scripts/install-redis.sh
 fi
 
-section "build: filter wasm (release)"
-cargo build --release --target wasm32-wasip1 -p meshlimit-filter
-ls -l target/wasm32-wasip1/release/meshlimit_filter.wasm
+section "build: filter wasm (release, trimmed: target/meshlimit.wasm)"
+ls -l "$(scripts/build-filter.sh)"
 
 section "unit tests"
 cargo test --workspace --exclude meshlimit-e2e

@@ -43,15 +43,15 @@ pub fn envoy_bin() -> PathBuf {
     path
 }
 
-/// `$MESHLIMIT_WASM`, else the release build of the filter; panics when missing.
+/// `$MESHLIMIT_WASM`, else `target/meshlimit.wasm` (the release build trimmed by
+/// `scripts/build-filter.sh`); panics when missing.
 pub fn filter_wasm() -> PathBuf {
     let path = std::env::var_os("MESHLIMIT_WASM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip1/release/meshlimit_filter.wasm"));
+        .unwrap_or_else(|| repo_root().join("target/meshlimit.wasm"));
     assert!(
         path.is_file(),
-        "no filter wasm at {}: build it with `cargo build --release --target wasm32-wasip1 \
-         -p meshlimit-filter` (or set MESHLIMIT_WASM)",
+        "no filter wasm at {}: build it with scripts/build-filter.sh (or set MESHLIMIT_WASM)",
         path.display()
     );
     path
