@@ -38,6 +38,7 @@ pub fn free_port() -> u16 {
         if p < 55000
             && !given.contains(&p)
             && !given.contains(&(p + 10000))
+            && !given.contains(&p.wrapping_sub(10000))
             && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok()
         {
             given.push(p);
