@@ -73,11 +73,11 @@ pub fn reset_epoch_secs(now_ns: u64, reset_ns: u64) -> u64 {
 
 /// Writes a window as the config spells it in its largest exact unit (`60` → `1m`).
 pub fn write_window<W: Write>(w: &mut W, secs: u64) -> fmt::Result {
-    if secs % 86_400 == 0 {
+    if secs.is_multiple_of(86_400) {
         write!(w, "{}d", secs / 86_400)
-    } else if secs % 3600 == 0 {
+    } else if secs.is_multiple_of(3600) {
         write!(w, "{}h", secs / 3600)
-    } else if secs % 60 == 0 {
+    } else if secs.is_multiple_of(60) {
         write!(w, "{}m", secs / 60)
     } else {
         write!(w, "{secs}s")

@@ -246,7 +246,7 @@ fn too_many_rules_and_limits() {
     let ok: Vec<String> = (0..MAX_RULES).map(rule).collect();
     assert!(parse(format!(r#"{{"rules":[{}]}}"#, ok.join(",")).as_bytes()).is_ok());
 
-    let limits = vec![r#"{"window":"1s","max":1}"#; MAX_LIMITS_PER_RULE + 1].join(",");
+    let limits = [r#"{"window":"1s","max":1}"#; MAX_LIMITS_PER_RULE + 1].join(",");
     let json = format!(r#"{{"rules":[{{"id":"r","match":{{"path":"/a"}},"limits":[{limits}]}}]}}"#);
     assert_eq!(err(&json), "rules[0].limits: 9 limits, at most 8");
 }

@@ -22,13 +22,8 @@ fn keys_are_fixed_size_hex() {
 fn entry_value(entries: &[(u64, &[u64])]) -> Vec<u8> {
     let mut v = Vec::new();
     for (fp, tats) in entries {
-        let place = if v.is_empty() {
-            Place::Append
-        } else {
-            Place::Append
-        };
         let mut out = [0u8; WRITE_MAX];
-        v = write(&v, place, *fp, tats, &mut out).to_vec();
+        v = write(&v, Place::Append, *fp, tats, &mut out).to_vec();
     }
     v
 }
