@@ -31,6 +31,7 @@ local out = {}
 local n_entries = (#ARGV - 5) / 5
 
 local hashes = {}
+local seen = {}
 for e = 1, n_entries do
   hashes[e] = redis.call('HGETALL', ARGV[5 + (e - 1) * 5 + 1])
 end
@@ -45,6 +46,9 @@ for e = 1, n_entries do
   if rate ~= rate or rate < 0 then rate = 0 end
 
   local h = hashes[e]
+  -- The same key twice in one call: the second must see the first one's write.
+  if seen[key] then h = redis.call('HGETALL', key) end
+  seen[key] = true
   local si, c, p = nil, 0, 0
   local n, sum_d, others = 0, 0, 0
   local known, my_old = false, 0

@@ -93,6 +93,18 @@ async fn sync_shares_in_redis() {
     assert_eq!(j["entries"][0]["remaining"], 90);
     // x holds 1.0 until it reports again; y gets only what is free.
     assert_eq!(j["entries"][0]["weight"].as_f64().unwrap(), 0.0, "{j}");
+    // One key twice in one report: both counted.
+    let e = serde_json::json!({"rule": "r", "key": "dupdupdupdupdupd", "window_secs": 30, "max": 100, "admitted": 4});
+    let j = s
+        .client
+        .post_json(
+            "/v1/sync",
+            &serde_json::json!({"proxy_id": "x", "span_ms": 1000, "entries": [e, e]}),
+        )
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(j["entries"][1]["used"], 8, "{j}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
