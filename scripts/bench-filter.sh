@@ -172,10 +172,25 @@ done
 
 keys_for() { [[ "$1" == wasm-10k ]] && echo 10000 || echo 1; }
 
-run_wrk() { # case seconds -> RESULT line
-  local c="$1" secs="$2"
-  BENCH_KEYS="$(keys_for "$c")" taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${secs}s" \
-    -s bench/wrk-keys.lua "http://127.0.0.1:$(port_of "$c")" | grep '^RESULT'
+pid_of() { # case -> Envoy pid
+  local i
+  for i in "${!CASES[@]}"; do
+    if [[ "${CASES[$i]}" == "$1" ]]; then echo "${PIDS[$i]}"; fi
+  done
+}
+
+cpu_ticks() { # pid -> utime+stime of the whole process, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+run_wrk() { # case seconds -> RESULT line, with the Envoy CPU time the run cost
+  local c="$1" secs="$2" pid before after line
+  pid="$(pid_of "$c")"
+  before="$(cpu_ticks "$pid")"
+  line="$(BENCH_KEYS="$(keys_for "$c")" taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${secs}s" \
+    -s bench/wrk-keys.lua "http://127.0.0.1:$(port_of "$c")" | grep '^RESULT')"
+  after="$(cpu_ticks "$pid")"
+  echo "$line envoy_cpu_ticks=$((after - before))"
 }
 
 # Other work on the machine skews every figure: say how busy it was.
@@ -202,8 +217,9 @@ wasm_allowed="$(curl -s "http://127.0.0.1:$(($(port_of wasm-10k) + 100))/stats/p
   | awk '/^meshlimit_allowed_total/ {print $2}')"
 echo "native filter: ${native_ok:-?} requests ok; meshlimit (wasm-10k Envoy): ${wasm_allowed:-?} allowed (metrics lag one flush)"
 
-python3 - "$RESULTS" <<'PY'
+python3 - "$RESULTS" "$(getconf CLK_TCK)" <<'PY'
 import re, statistics, sys
+tick_us = 1e6 / int(sys.argv[2])
 rows = {}
 for line in open(sys.argv[1]):
     kv = dict(re.findall(r"(\w+)=(\S+)", line))
@@ -215,17 +231,23 @@ for case, rs in rows.items():
     rates = [int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in rs]
     p50 = statistics.median(int(r["p50_us"]) for r in rs)
     p99 = statistics.median(int(r["p99_us"]) for r in rs)
-    med[case] = (statistics.median(rates), p50, p99)
+    # Envoy CPU time per request: what the filter costs, much less sensitive than
+    # req/s to other work on the machine (it is not the wall clock).
+    cpu = statistics.median(int(r["envoy_cpu_ticks"]) * tick_us / int(r["requests"]) for r in rs)
+    med[case] = (statistics.median(rates), p50, p99, cpu)
     spread[case] = (min(rates), max(rates))
 print()
 print(f"{'case':<10} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'vs none':>8} {'vs native':>10}"
-      f"  {'req/s min..max':>16}")
-for case, (rps, p50, p99) in med.items():
+      f"  {'req/s min..max':>16} {'cpu us/req':>10} {'cpu vs none':>11}")
+for case, (rps, p50, p99, cpu) in med.items():
     lo, hi = spread[case]
     print(f"{case:<10} {rps:>9.0f} {p50:>8.0f} {p99:>8.0f} "
-          f"{rps / med['none'][0]:>8.2f} {rps / med['native'][0]:>10.2f}  {lo:>7.0f}..{hi:<7.0f}")
+          f"{rps / med['none'][0]:>8.2f} {rps / med['native'][0]:>10.2f}  {lo:>7.0f}..{hi:<7.0f}"
+          f" {cpu:>10.1f} {med['none'][3] / cpu:>11.2f}")
 print("(medians over rounds; ratios are median req/s relative to the case named;\n"
-      " a wide min..max means other work on the machine disturbed the run)")
+      " a wide min..max means other work on the machine disturbed the run;\n"
+      " cpu us/req is Envoy's CPU time per request, 'cpu vs none' the throughput ratio\n"
+      " it implies for a CPU-bound Envoy: none's cost divided by this case's)")
 if bad:
     print(f"FAILED: {len(bad)} runs had non-2xx answers or socket errors", file=sys.stderr)
     sys.exit(1)
