@@ -11,6 +11,9 @@
 #   wasm-1  meshlimit, one rule matching every path, 1e9 per second (never rejects),
 #           one client (x-api-key fixed)
 #   wasm-10k  the same rule, x-api-key rotating over 10,000 distinct clients
+#   wasm-floor  meshlimit with no rules: the filter is called on every request but does
+#           nothing (one host call). What any wasm filter costs in this Envoy, the floor
+#           under wasm-1.
 #
 # Set-up: Envoy --concurrency 1 pinned to CPU 0, wrk (1 thread, $CONNECTIONS keep-alive
 # connections) pinned to CPU 1. The route is an Envoy direct_response (200, 2 bytes), so
@@ -30,7 +33,7 @@ DURATION="${DURATION:-5}"
 CONNECTIONS="${CONNECTIONS:-8}"
 WARMUP="${WARMUP:-2}"
 RUN_DIR="$ROOT/.run/bench"
-CASES=(none native wasm-1 wasm-10k)
+CASES=(none native wasm-floor wasm-1 wasm-10k)
 
 if [[ "$(nproc)" -lt 2 ]]; then
   echo "warning: fewer than 2 CPUs; Envoy and wrk will share one" >&2
@@ -57,7 +60,7 @@ mkdir -p "$RUN_DIR"
 # --- Envoy configurations -------------------------------------------------------------
 
 port_of() { # case -> listener port (admin is +100)
-  case "$1" in none) echo 10200 ;; native) echo 10201 ;; wasm-1) echo 10202 ;; wasm-10k) echo 10203 ;; esac
+  case "$1" in none) echo 10200 ;; native) echo 10201 ;; wasm-1) echo 10202 ;; wasm-10k) echo 10203 ;; wasm-floor) echo 10204 ;; esac
 }
 
 filters_for() {
@@ -79,7 +82,9 @@ filters_for() {
                 default_value: { numerator: 100, denominator: HUNDRED }
 EOF
       ;;
-    wasm-1 | wasm-10k)
+    wasm-1 | wasm-10k | wasm-floor)
+      local plugin='{"rules":[{"id":"bench","match":{"path":"*"},"limits":[{"window":"1s","max":1000000000}]}]}'
+      [[ "$1" == wasm-floor ]] && plugin='{"rules":[]}'
       cat <<EOF
           - name: envoy.filters.http.wasm
             typed_config:
@@ -93,7 +98,7 @@ EOF
                   code: { local: { filename: "$WASM" } }
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{"rules":[{"id":"bench","match":{"path":"*"},"limits":[{"window":"1s","max":1000000000}]}]}'
+                  value: '$plugin'
 EOF
       ;;
   esac
