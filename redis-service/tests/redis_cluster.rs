@@ -233,9 +233,13 @@ async fn cluster_keys_everywhere_and_failover_under_traffic() {
         .iter()
         .map(|e| e["used"].as_i64().unwrap())
         .collect();
-    let worst = used.iter().map(|u| (n - u).abs()).max().unwrap();
-    println!("sync under failover: {n} reports of 200 keys, worst key off by {worst}");
-    assert!(worst <= 2, "{n} reports but per-key counts {used:?}");
+    let (lo, hi) = (*used.iter().min().unwrap(), *used.iter().max().unwrap());
+    println!("sync under failover: {n} reports of 200 keys, per-key counts {lo}..={hi}");
+    // Failover bound: at most the last report lost (1 per key here); a few counted twice.
+    assert!(
+        lo >= n - 1 && hi <= n + 3,
+        "{n} reports but per-key counts {lo}..={hi}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,13 +377,14 @@ async fn slots_migrating_under_traffic() {
         .await
         .unwrap()
         .json();
-    let worst = j["entries"]
+    let used: Vec<i64> = j["entries"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (n - e["used"].as_i64().unwrap()).abs())
-        .max()
-        .unwrap();
+        .map(|e| e["used"].as_i64().unwrap())
+        .collect();
+    let (lo, hi) = (*used.iter().min().unwrap(), *used.iter().max().unwrap());
+    let worst = (n - lo).max(hi - n);
     let fallback = metric(
         c,
         "meshlimit_decisions_total{endpoint=\"check\",decision=\"allowed\",source=\"fallback\"}",
@@ -392,7 +397,12 @@ async fn slots_migrating_under_traffic() {
         counted >= total && counted <= total + 5,
         "admitted {total}, counted {counted}"
     );
-    assert!(worst <= 1, "sync counts off by {worst}");
+    // Never lost; counted twice at most a few times (a call that timed out but had
+    // landed is also counted by the fallback).
+    assert!(
+        lo >= n && hi <= n + 3,
+        "{n} reports, per-key counts {lo}..={hi}"
+    );
     // A migrating slot must not push everything else off the store.
     assert!(
         fallback <= total as f64 / 10.0,
