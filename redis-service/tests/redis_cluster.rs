@@ -356,6 +356,15 @@ async fn slots_migrating_under_traffic() {
         t.await.unwrap();
     }
     assert_eq!(errors.load(Ordering::Relaxed), 0, "every request answered");
+    // Entries the fallback answered are written back by the next probe.
+    let t = Instant::now();
+    while metric(c, "meshlimit_reconcile_pending").await > 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pending counts not written back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Counts: checks and reports all in Redis (a timed-out call may be counted twice).
     let mut counted = 0;
