@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Throughput and latency cost of the meshlimit filter inside Envoy, measured with wrk.
 #
-#   scripts/bench-filter.sh            5 rounds x 4 cases x 5 s (about 2 minutes)
+#   scripts/bench-filter.sh            5 rounds x 5 cases x 5 s (about 3 minutes)
 #   ROUNDS=3 DURATION=3 scripts/bench-filter.sh
+#   BODY_BYTES=262144 scripts/bench-filter.sh      responses of 256 KB instead of 2 bytes
+#   WASM=target/wasm32-wasip1/release/meshlimit_filter.wasm scripts/bench-filter.sh
+#                                                  the module before wasm-trim
 #
 # Cases (all the same Envoy, same route, same wrk script):
 #   none    Envoy without any rate-limit filter
@@ -31,6 +34,9 @@ cd "$ROOT"
 ROUNDS="${ROUNDS:-5}"
 DURATION="${DURATION:-5}"
 CONNECTIONS="${CONNECTIONS:-8}"
+# Size of the response body (direct_response); larger bodies reach the filter in chunks.
+BODY_BYTES="${BODY_BYTES:-2}"
+BODY="$(head -c "$BODY_BYTES" /dev/zero | tr '\0' x)"
 WARMUP="${WARMUP:-2}"
 RUN_DIR="$ROOT/.run/bench"
 CASES=(none native wasm-floor wasm-1 wasm-10k)
@@ -40,7 +46,9 @@ if [[ "$(nproc)" -lt 2 ]]; then
 fi
 
 echo "== building the filter"
-WASM="$(scripts/build-filter.sh)"
+BUILT="$(scripts/build-filter.sh)"
+WASM="${WASM:-$BUILT}"
+echo "  wasm: $WASM"
 
 echo "== Envoy and wrk"
 ENVOY="$(scripts/install-envoy.sh)"
@@ -122,12 +130,13 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: bench
           route_config:
+            max_direct_response_body_size_bytes: $((BODY_BYTES + 1024))
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
               - match: { prefix: "/" }
-                direct_response: { status: 200, body: { inline_string: "ok" } }
+                direct_response: { status: 200, body: { inline_string: "$BODY" } }
           http_filters:
 $(filters_for "$1")
           - name: envoy.filters.http.router
