@@ -10,7 +10,7 @@
 
 use std::rc::Rc;
 
-use meshlimit_core::config::{HeaderMode, KeySource};
+use meshlimit_core::config::HeaderMode;
 use meshlimit_core::gcra::Decision;
 use meshlimit_core::headers::{self, num, Num, RateLimitValue};
 use meshlimit_core::matching;
@@ -134,13 +134,8 @@ impl HttpContext for RateLimitHttp {
             return Action::Continue;
         };
         let rule = &config.rules[rule_index];
-        let client = matching::client_id(rule, request_header, || {
-            if rule.key.contains(&KeySource::Ip) {
-                self.client_ip()
-            } else {
-                None
-            }
-        });
+        // `client_ip` is only called when the rule's key sources reach `ip`.
+        let client = matching::client_id(rule, request_header, || self.client_ip());
         let Some((source, id)) = client else {
             metrics::count(Counter::NoClientKey);
             return Action::Continue;
