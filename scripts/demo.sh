@@ -37,21 +37,14 @@ scripts/build-filter.sh
 
 say "building the demo upstream and the companion service"
 cargo build --release -p meshlimit-e2e --bin demo-upstream
-# The companion is optional here (the filter does not call it yet): a build failure
-# only leaves it out of the demo.
-WITH_SERVICE=1
-cargo build --release -p meshlimit-service --bin meshlimit-service || {
-  echo "warning: meshlimit-service did not build; the demo runs without it" >&2
-  WITH_SERVICE=0
-}
+cargo build --release -p meshlimit-service --bin meshlimit-service
 
 say "installing Envoy (if needed)"
 ENVOY="$(scripts/install-envoy.sh)"
 "$ENVOY" --version
 
 SERVICE_PORT=8080
-ports=("$LISTEN_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT")
-[[ $WITH_SERVICE == 1 ]] && ports+=("$SERVICE_PORT")
+ports=("$LISTEN_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT" "$SERVICE_PORT")
 for port in "${ports[@]}"; do
   if port_in_use "$port"; then
     echo "error: 127.0.0.1:$port is already in use (another demo running?)" >&2
@@ -73,12 +66,10 @@ trap 'exit 143' TERM
 say "starting demo-upstream (:$UPSTREAM_PORT), the companion (:$SERVICE_PORT) and Envoy (:$LISTEN_PORT)"
 target/release/demo-upstream --port "$UPSTREAM_PORT" >"$RUN_DIR/upstream.log" 2>&1 &
 PIDS+=($!)
-if [[ $WITH_SERVICE == 1 ]]; then
-  # In-memory store, no auth: loopback-only demo.
-  target/release/meshlimit-service --listen "127.0.0.1:$SERVICE_PORT" --insecure-no-auth \
-    >"$RUN_DIR/service.log" 2>&1 &
-  PIDS+=($!)
-fi
+# In-memory store, no auth: loopback-only demo.
+target/release/meshlimit-service --listen "127.0.0.1:$SERVICE_PORT" --insecure-no-auth \
+  >"$RUN_DIR/service.log" 2>&1 &
+PIDS+=($!)
 # They run as children of this script, which waits for them: Envoy stops when the demo
 # stops, and is never left running in the background of an interactive shell.
 "$ENVOY" -c envoy/envoy.yaml --concurrency 2 --disable-hot-restart \
@@ -95,7 +86,7 @@ for _ in $(seq 300); do
   fi
   if [[ "$(curl -s "http://127.0.0.1:$ADMIN_PORT/ready" || true)" == LIVE* ]] \
     && port_in_use "$UPSTREAM_PORT" \
-    && { [[ $WITH_SERVICE == 0 ]] || port_in_use "$SERVICE_PORT"; }; then
+    && port_in_use "$SERVICE_PORT"; then
     ready=1
     break
   fi
@@ -134,6 +125,17 @@ if [[ $CHECK == 1 ]]; then
   echo "$metrics"
   echo "upstream served: $(curl -s "http://127.0.0.1:$UPSTREAM_PORT/__hits") requests"
 
+  say "the companion (in-memory store): a proxy's usage report to POST /v1/sync"
+  sync='{"proxy_id":"demo-envoy","zone":"az1","span_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","window_secs":60,"max":100,"admitted":5}]}'
+  echo "  > $sync"
+  answer="$(curl -s -X POST -H 'content-type: application/json' -d "$sync" \
+    "http://127.0.0.1:$SERVICE_PORT/v1/sync")"
+  echo "  < $answer"
+  if [[ "$answer" != *'"weight"'* ]]; then
+    say "check failed: the companion did not answer the sync"
+    exit 1
+  fi
+
   if [[ " ${codes[*]} " == *" 429 "* && "${codes[0]}" == 200 ]]; then
     say "check passed: 200 first, then 429 once over the limit"
     exit 0
@@ -146,7 +148,7 @@ cat <<EOF
 
 Envoy with meshlimit is listening on http://127.0.0.1:$LISTEN_PORT (admin :$ADMIN_PORT).
 Logs: $RUN_DIR/envoy.log, $RUN_DIR/upstream.log, $RUN_DIR/service.log
-Companion service (in-memory store): $( [[ $WITH_SERVICE == 1 ]] && echo "http://127.0.0.1:$SERVICE_PORT" || echo "not running" )
+Companion service (in-memory store, no auth: loopback demo only): http://127.0.0.1:$SERVICE_PORT
 
 Try it (another terminal):
 
@@ -162,6 +164,10 @@ Try it (another terminal):
 
   # metrics
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep ^meshlimit_
+
+  # the companion: a proxy's usage report and the share it gets back
+  curl -s -X POST localhost:$SERVICE_PORT/v1/sync -H 'content-type: application/json' \
+    -d '{"proxy_id":"envoy-a","span_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","window_secs":60,"max":100,"admitted":5}]}'
 
 Ctrl-C stops everything.
 EOF

@@ -36,6 +36,9 @@ section "core unit tests inside wasm (wasm32-unknown-unknown under Node)"
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER="$(scripts/install-wasm-bindgen.sh)" \
   cargo test -p meshlimit-core --target wasm32-unknown-unknown
 
+section "demo, unattended (README's first command: scripts/demo.sh --check)"
+scripts/demo.sh --check
+
 section "e2e tests (real Envoy)"
 cargo test -p meshlimit-e2e --release -- --test-threads=1
 
