@@ -166,7 +166,7 @@ Try it (another terminal):
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep ^meshlimit_
 
   # the companion: a proxy's usage report and the share it gets back
-  curl -s -X POST localhost:$SERVICE_PORT/v1/sync -H 'content-type: application/json' \
+  curl -s -X POST localhost:$SERVICE_PORT/v1/sync -H 'content-type: application/json' \\
     -d '{"proxy_id":"envoy-a","span_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","window_secs":60,"max":100,"admitted":5}]}'
 
 Ctrl-C stops everything.
