@@ -513,3 +513,34 @@ fn the_table_is_allocated_once_at_start_and_sized_by_max_clients() {
     );
     assert!((30..=250).contains(&per_set), "{per_set} B per set");
 }
+
+#[test]
+fn exact_per_client_when_many_clients_share_sets_under_contention() {
+    // 40 clients in a 32-set table: clients share sets, so concurrent requests of
+    // different clients race on the same key and the CAS loop must retry without losing
+    // or double-counting anyone's tokens.
+    let (upstream, envoy) = start(
+        r#"{"rules":[{"id":"c","match":{"path":"/c"},"limits":[{"window":"1h","max":5}]}],"max_clients":64}"#,
+    );
+    let clients = 40;
+    let per_client = 12;
+    let reqs = (0..clients * per_client)
+        .map(|i| key("/c", &format!("shared-{}", i % clients)))
+        .collect();
+    let resps = send_concurrent(envoy.port, reqs);
+    let mut admitted = vec![0; clients];
+    for (i, r) in resps.iter().enumerate() {
+        assert!(r.status == 200 || r.status == 429, "status {}", r.status);
+        if r.status == 200 {
+            admitted[i % clients] += 1;
+        }
+    }
+    assert!(
+        admitted.iter().all(|&a| a == 5),
+        "admitted per client: {admitted:?}"
+    );
+    assert_eq!(upstream.hits(), (clients * 5) as u64);
+    assert_eq!(wait_stat(&envoy, "meshlimit_evicted_total", 0), 0);
+    assert_eq!(envoy.stat("meshlimit_failed_open_total").unwrap_or(0), 0);
+    assert_no_vm_failure(&envoy);
+}
