@@ -49,6 +49,26 @@ pub fn now_us() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A sliding-window key's (current, previous) counts as of window `idx`: a stored
+/// window one step behind becomes the previous one, older or expired ones count 0.
+fn sw_counts(m: &HashMap<String, Slot>, key: &str, idx: i64, now_us: f64) -> (u64, u64) {
+    match m.get(key) {
+        Some(Slot {
+            entry: Entry::Sw { i, c, p },
+            expires_us,
+        }) if *expires_us > now_us => {
+            if *i == idx {
+                (*c, *p)
+            } else if *i == idx - 1 {
+                (0, *c)
+            } else {
+                (0, 0)
+            }
+        }
+        _ => (0, 0),
+    }
+}
+
 impl MemoryStore {
     pub fn new(keys: KeyMaker, max_keys: usize) -> Self {
         MemoryStore {
@@ -116,21 +136,7 @@ impl MemoryStore {
             let w = l.window_secs as f64;
             let max = l.max as f64;
             let idx = (now / w).floor() as i64;
-            let (c, p) = match m.get(&key) {
-                Some(Slot {
-                    entry: Entry::Sw { i, c, p },
-                    expires_us,
-                }) if *expires_us > now_us => {
-                    if *i == idx {
-                        (*c, *p)
-                    } else if *i == idx - 1 {
-                        (0, *c)
-                    } else {
-                        (0, 0)
-                    }
-                }
-                _ => (0, 0),
-            };
+            let (c, p) = sw_counts(m, &key, idx, now_us);
             let frac = (now - idx as f64 * w) / w;
             let est = p as f64 * (1.0 - frac) + c as f64;
             let h = hits as f64;
@@ -258,21 +264,7 @@ impl MemoryStore {
         let w = op.window_secs;
         let idx = (now / w as f64).floor() as i64;
         let key = self.keys.sw_key(&op.tag, w);
-        let (c, p) = match m.get(&key) {
-            Some(Slot {
-                entry: Entry::Sw { i, c, p },
-                expires_us,
-            }) if *expires_us > now_us => {
-                if *i == idx {
-                    (*c, *p)
-                } else if *i == idx - 1 {
-                    (0, *c)
-                } else {
-                    (0, 0)
-                }
-            }
-            _ => (0, 0),
-        };
+        let (c, p) = sw_counts(&m, &key, idx, now_us);
         let c = c + op.admitted;
         m.insert(
             key,
