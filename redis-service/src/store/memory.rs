@@ -7,6 +7,8 @@ use crate::config::Algorithm;
 use crate::keys::KeyMaker;
 use crate::shares::{allocate, Peer, ShareParams};
 use async_trait::async_trait;
+use meshlimit_core::config::Limit;
+use meshlimit_core::gcra;
 use parking_lot::Mutex;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -22,9 +24,9 @@ enum Entry {
         c: u64,
         p: u64,
     },
-    /// GCRA theoretical arrival time, unix microseconds.
+    /// GCRA theoretical arrival time, unix nanoseconds.
     Tb {
-        tat: f64,
+        tat_ns: u64,
     },
     Shares(HashMap<String, Peer>),
 }
@@ -190,62 +192,77 @@ impl MemoryStore {
         }
     }
 
-    fn tb_check(&self, m: &mut HashMap<String, Slot>, op: &CheckOp, now: f64) -> CheckOutcome {
-        let hits = op.hits as f64;
-        let mut allowed = true;
-        let mut retry = 0.0f64;
-        let mut st = Vec::with_capacity(op.limits.len());
-        for l in &op.limits {
-            let key = self.keys.tb_key(&op.tag, l.window_secs, l.max, l.burst);
-            let interval = l.window_secs as f64 * 1e6 / l.max as f64;
-            let horizon = now + interval * l.burst as f64;
-            let tat = match m.get(&key) {
+    /// Token bucket with the filter's own GCRA (`meshlimit_core::gcra`), in integer
+    /// nanoseconds; the Lua script does the same math on the Redis clock.
+    fn tb_check(&self, m: &mut HashMap<String, Slot>, op: &CheckOp, now_us: f64) -> CheckOutcome {
+        let now = (now_us * 1000.0) as u64;
+        let limits: Option<Vec<Limit>> = op
+            .limits
+            .iter()
+            .map(|l| Limit::new(l.window_secs, l.max, l.burst))
+            .collect();
+        let Some(limits) = limits else {
+            // Limits are validated before they get here; refuse rather than panic.
+            return CheckOutcome {
+                allowed: false,
+                tightest: 0,
+                remaining: 0,
+                reset_at: 0,
+                retry_after_ms: 0,
+            };
+        };
+        let keys: Vec<String> = op
+            .limits
+            .iter()
+            .map(|l| self.keys.tb_key(&op.tag, l.window_secs, l.max, l.burst))
+            .collect();
+        let mut tats: Vec<u64> = keys
+            .iter()
+            .map(|k| match m.get(k) {
                 Some(Slot {
-                    entry: Entry::Tb { tat },
+                    entry: Entry::Tb { tat_ns },
                     expires_us,
-                }) if *expires_us > now => *tat,
-                _ => now,
+                }) if *expires_us > now_us => *tat_ns,
+                _ => 0,
+            })
+            .collect();
+        let d = gcra::check(&limits, &mut tats, now, op.hits);
+        if !d.allowed && op.force {
+            // Reconciliation: charge what a fallback already admitted, capped at empty.
+            for (t, l) in tats.iter_mut().zip(&limits) {
+                let horizon = now.saturating_add(l.depth_ns);
+                *t = (*t)
+                    .max(now)
+                    .saturating_add(l.interval_ns.saturating_mul(op.hits))
+                    .min(horizon);
             }
-            .min(horizon);
-            let start = tat.max(now);
-            let new = start + hits * interval;
-            if new > horizon + 1.0 {
-                allowed = false;
-                retry = retry.max(new - horizon);
-            }
-            st.push((key, l.window_secs, interval, horizon, start, new));
         }
-        let mut rems = Vec::with_capacity(st.len());
-        let mut resets = Vec::with_capacity(st.len());
-        for (key, w, interval, horizon, start, new) in st {
-            let mut after = start;
-            if allowed || op.force {
-                after = new.min(horizon);
-                if after > now {
-                    m.insert(
-                        key,
-                        Slot {
-                            entry: Entry::Tb { tat: after },
-                            expires_us: after,
-                        },
-                    );
+        if d.changed || op.force {
+            for (k, &tat_ns) in keys.iter().zip(&tats) {
+                if tat_ns > now {
+                    let slot = Slot {
+                        entry: Entry::Tb { tat_ns },
+                        expires_us: tat_ns as f64 / 1000.0,
+                    };
+                    m.insert(k.clone(), slot);
                 }
             }
-            let rem = ((horizon - after) / interval + 1e-9).floor().max(0.0) as u64;
-            rems.push((rem, w));
-            resets.push((after / 1e6).ceil() as u64);
         }
+        let rems: Vec<(u64, u64)> = limits
+            .iter()
+            .zip(&tats)
+            .map(|(l, &t)| {
+                let left = now.saturating_add(l.depth_ns).saturating_sub(t.max(now));
+                (left / l.interval_ns, l.window_secs)
+            })
+            .collect();
         let t = tightest(&rems);
         CheckOutcome {
-            allowed,
+            allowed: d.allowed,
             tightest: t,
             remaining: rems[t].0,
-            reset_at: resets[t],
-            retry_after_ms: if allowed {
-                0
-            } else {
-                (retry / 1000.0).ceil() as u64
-            },
+            reset_at: tats[t].max(now).div_ceil(1_000_000_000),
+            retry_after_ms: d.retry_after_ns.div_ceil(1_000_000),
         }
     }
 
@@ -394,6 +411,40 @@ mod tests {
         let r = s.check_one(Algorithm::TokenBucket, &o, t0).unwrap();
         assert!(!r.allowed);
         assert_eq!(r.retry_after_ms, 100);
+        assert!(
+            s.check_one(Algorithm::TokenBucket, &o, t0 + 100_000.0)
+                .unwrap()
+                .allowed
+        );
+    }
+
+    #[test]
+    fn token_bucket_force_charges_up_to_empty_and_no_further() {
+        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+        let t0 = 1_000_000_000.0 * 1e6;
+        // 10/s: 4 used, then a reconciliation of 20 already-admitted hits.
+        assert!(
+            s.check_one(Algorithm::TokenBucket, &op(&[(1, 10, 10)], 4), t0)
+                .unwrap()
+                .allowed
+        );
+        let forced = CheckOp {
+            force: true,
+            ..op(&[(1, 10, 10)], 20)
+        };
+        let r = s.check_one(Algorithm::TokenBucket, &forced, t0).unwrap();
+        assert!(
+            !r.allowed,
+            "more than the bucket holds is reported as refused"
+        );
+        assert_eq!(r.remaining, 0);
+        // Charged to empty, not beyond: one token is back after 100 ms.
+        let o = op(&[(1, 10, 10)], 1);
+        assert!(
+            !s.check_one(Algorithm::TokenBucket, &o, t0 + 50_000.0)
+                .unwrap()
+                .allowed
+        );
         assert!(
             s.check_one(Algorithm::TokenBucket, &o, t0 + 100_000.0)
                 .unwrap()
