@@ -170,18 +170,6 @@ impl SyncEntry {
         }
         Ok(())
     }
-
-    pub fn limit(&self) -> crate::config::Limit {
-        // validate() has checked that this is a valid limit.
-        crate::config::Limit::new(self.window_secs, self.max, self.burst.unwrap_or(self.max))
-            .unwrap_or(crate::config::Limit {
-                window_secs: 1,
-                max: 1,
-                burst: 1,
-                interval_ns: 1_000_000_000,
-                depth_ns: 1_000_000_000,
-            })
-    }
 }
 
 impl CheckRequest {
