@@ -16,6 +16,8 @@ use std::path::PathBuf;
 
 pub mod client;
 pub mod envoy;
+pub mod netns;
+pub mod process;
 pub mod upstream;
 
 pub use client::{send_concurrent, send_raw, send_raw_bytes, Client, Request, Response};
