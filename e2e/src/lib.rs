@@ -15,13 +15,18 @@
 use std::path::PathBuf;
 
 pub mod client;
+pub mod companion;
+pub mod delay_proxy;
 pub mod envoy;
+pub mod load;
 pub mod netns;
 pub mod process;
+pub mod redis_cluster;
 pub mod upstream;
 
 pub use client::{send_concurrent, send_raw, send_raw_bytes, Client, Request, Response};
 pub use envoy::{free_port, Envoy, EnvoyOptions};
+pub use load::{Load, LoadReport, LoadRun};
 pub use upstream::Upstream;
 
 /// The repository root (the workspace directory holding `e2e/`).
