@@ -9,6 +9,15 @@ cd "$ROOT"
 SECONDS=0
 section() { printf '\n==== %s  (t=%ss)\n' "$*" "$SECONDS"; }
 
+# e2e/tests/three_az.rs builds network namespaces, veths and a bridge: root only. Refuse
+# to run without it (at once, not after the unit tests) rather than let the suite pass
+# without those tests.
+if [[ "$(id -u)" -ne 0 ]]; then
+  echo "scripts/test.sh: must run as root: the e2e tests create network namespaces (e2e/tests/three_az.rs); CI runs as root" >&2
+  exit 1
+fi
+command -v ip >/dev/null 2>&1 || { apt-get update && apt-get install -y iproute2; }
+
 section "toolchain: wasm targets"
 # RUSTUP_AUTO_INSTALL=0 on the project machines: rust-toolchain.toml alone installs nothing.
 rustup target add wasm32-wasip1 wasm32-unknown-unknown
@@ -39,7 +48,9 @@ CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER="$(scripts/install-wasm-bindgen.sh)" 
 section "demo, unattended (README's first command: scripts/demo.sh --check)"
 scripts/demo.sh --check
 
-section "e2e tests (real Envoy)"
+section "e2e tests (real Envoy; three AZs in network namespaces)"
+# The three-AZ topology runs the real companion binary from target/release/.
+cargo build --release -p meshlimit-service --bin meshlimit-service
 cargo test -p meshlimit-e2e --release -- --test-threads=1
 
 section "all tests passed"

@@ -131,11 +131,25 @@ pub struct Client {
 }
 
 impl Client {
+    /// To `127.0.0.1:port`.
     pub fn new(port: u16) -> Client {
-        Client {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            conn: None,
+        Client::to(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    pub fn to(addr: SocketAddr) -> Client {
+        Client { addr, conn: None }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Opens the connection now (otherwise the first request does).
+    pub fn connect(&mut self) -> io::Result<()> {
+        if self.conn.is_none() {
+            self.conn = Some(BufReader::new(connect(self.addr)?));
         }
+        Ok(())
     }
 
     /// Sends the request and reads the response; panics on I/O errors (a test failure).

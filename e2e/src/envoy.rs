@@ -3,18 +3,17 @@
 
 use std::fs::{self, File};
 use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::client::{read_response, Client, Request, Response};
+use crate::netns::Netns;
 use crate::upstream::Upstream;
 
 /// Envoy compiles the wasm module with V8 once per VM; a cold start takes a few seconds.
@@ -47,6 +46,16 @@ pub struct EnvoyOptions {
     pub wasm_debug: bool,
     /// Last-word edits of the bootstrap JSON, for anything the fields do not cover.
     pub tweaks: Vec<Tweak>,
+    /// The address of the listener and the admin interface (default 127.0.0.1).
+    pub listen_ip: Ipv4Addr,
+    /// (listener, admin) ports; default: free ports picked at start.
+    pub ports: Option<(u16, u16)>,
+    /// Run inside this network namespace (created by the caller, e.g. the three-AZ
+    /// topology); `listen_ip` must then be one of its addresses.
+    pub netns: Option<String>,
+    /// Directory for the config and the log, created and left for the caller to remove;
+    /// default: a new temp dir, removed on Drop unless the test is panicking.
+    pub dir: Option<PathBuf>,
 }
 
 impl EnvoyOptions {
@@ -71,6 +80,10 @@ impl EnvoyOptions {
             failure_policy: None,
             wasm_debug: false,
             tweaks: Vec::new(),
+            listen_ip: Ipv4Addr::LOCALHOST,
+            ports: None,
+            netns: None,
+            dir: None,
         }
     }
 
@@ -125,6 +138,23 @@ impl EnvoyOptions {
         self
     }
 
+    /// Listener and admin on `ip`, at fixed ports.
+    pub fn listen(mut self, ip: Ipv4Addr, port: u16, admin_port: u16) -> Self {
+        self.listen_ip = ip;
+        self.ports = Some((port, admin_port));
+        self
+    }
+
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
     /// The Envoy bootstrap for these options, listening on `port` with admin on `admin_port`.
     pub fn bootstrap(&self, port: u16, admin_port: u16) -> Value {
         let mut http_filters = Vec::new();
@@ -156,11 +186,11 @@ impl EnvoyOptions {
             clusters.push(static_cluster("demo_upstream", p));
         }
         let mut bootstrap = json!({
-            "admin": {"address": socket_address(admin_port)},
+            "admin": {"address": socket_address_at(self.listen_ip, admin_port)},
             "static_resources": {
                 "listeners": [{
                     "name": "main",
-                    "address": socket_address(port),
+                    "address": socket_address_at(self.listen_ip, port),
                     "filter_chains": [{"filters": [{
                         "name": "envoy.filters.network.http_connection_manager",
                         "typed_config": {
@@ -215,7 +245,11 @@ pub fn wasm_filter(plugin_config: &str, wasm: &Path, failure_policy: Option<&str
 }
 
 fn socket_address(port: u16) -> Value {
-    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+    socket_address_at(Ipv4Addr::LOCALHOST, port)
+}
+
+fn socket_address_at(ip: Ipv4Addr, port: u16) -> Value {
+    json!({"socket_address": {"address": ip.to_string(), "port_value": port}})
 }
 
 fn static_cluster(name: &str, port: u16) -> Value {
@@ -241,9 +275,13 @@ pub fn free_port() -> u16 {
 /// A running Envoy. Killed (with its process group) on Drop; its temp dir (config and
 /// log) is removed then, unless the test is panicking, so a failure can be inspected.
 pub struct Envoy {
+    /// The address of the listener and the admin interface.
+    pub ip: Ipv4Addr,
     pub port: u16,
     pub admin_port: u16,
     pub dir: PathBuf,
+    /// The caller gave `dir` and removes it.
+    caller_dir: bool,
     child: Option<Child>,
 }
 
@@ -266,14 +304,31 @@ impl Envoy {
     }
 
     pub fn try_start_with(opts: EnvoyOptions) -> Result<Envoy, String> {
-        let port = free_port();
-        let admin_port = free_port();
+        let (port, admin_port) = opts.ports.unwrap_or_else(|| (free_port(), free_port()));
         let bootstrap = opts.bootstrap(port, admin_port);
         let mut log_level = vec!["--log-level", "info"];
         if opts.wasm_debug {
             log_level.extend(["--component-log-level", "wasm:debug"]);
         }
-        Envoy::try_start_bootstrap(&bootstrap, port, admin_port, opts.concurrency, &log_level)
+        let (dir, caller_dir) = match &opts.dir {
+            Some(d) => {
+                fs::create_dir_all(d).expect("create envoy dir");
+                (d.clone(), true)
+            }
+            None => (new_temp_dir(), false),
+        };
+        let netns = opts.netns.as_deref().map(Netns::open);
+        let launch = Launch {
+            ip: opts.listen_ip,
+            port,
+            admin_port,
+            concurrency: opts.concurrency,
+            extra_args: &log_level,
+            netns: netns.as_ref(),
+            dir,
+            caller_dir,
+        };
+        Envoy::launch(&bootstrap, launch)
     }
 
     /// Starts Envoy on a bootstrap built elsewhere, which must listen on 127.0.0.1:`port`
@@ -285,7 +340,30 @@ impl Envoy {
         concurrency: u32,
         extra_args: &[&str],
     ) -> Result<Envoy, String> {
-        let dir = new_temp_dir();
+        let launch = Launch {
+            ip: Ipv4Addr::LOCALHOST,
+            port,
+            admin_port,
+            concurrency,
+            extra_args,
+            netns: None,
+            dir: new_temp_dir(),
+            caller_dir: false,
+        };
+        Envoy::launch(bootstrap, launch)
+    }
+
+    fn launch(bootstrap: &Value, launch: Launch) -> Result<Envoy, String> {
+        let Launch {
+            ip,
+            port,
+            admin_port,
+            concurrency,
+            extra_args,
+            netns,
+            dir,
+            caller_dir,
+        } = launch;
         let config_path = dir.join("envoy.json");
         fs::write(&config_path, serde_json::to_vec_pretty(bootstrap).unwrap())
             .expect("write envoy config");
@@ -300,23 +378,16 @@ impl Envoy {
             .current_dir(crate::repo_root())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            // Its own process group: a terminal's job control signals never reach it,
-            // and Drop kills the whole group.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                // If the test process dies without running Drop, Envoy dies with it.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = spawn_from_keeper(cmd).map_err(|e| format!("cannot spawn envoy: {e}"))?;
+            .stderr(log);
+        // Its own process group (Drop kills the whole group), dying with the test process.
+        let child =
+            crate::process::spawn(cmd, netns).map_err(|e| format!("cannot spawn envoy: {e}"))?;
         let mut envoy = Envoy {
+            ip,
             port,
             admin_port,
             dir,
+            caller_dir,
             child: Some(child),
         };
         match envoy.wait_ready() {
@@ -339,7 +410,7 @@ impl Envoy {
             // A connect to the listener (no request: that would go through the filter
             // and spend a token) confirms it accepts.
             let live = matches!(self.try_admin("/ready"), Ok((200, body)) if body.trim() == "LIVE");
-            if live && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if live && TcpStream::connect((self.ip, self.port)).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -350,14 +421,19 @@ impl Envoy {
         }
     }
 
-    /// `http://127.0.0.1:<port><path>` for the listener.
+    /// `http://<ip>:<port><path>` for the listener.
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
+        format!("http://{}:{}{}", self.ip, self.port, path)
+    }
+
+    /// The listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, self.port))
     }
 
     /// A keep-alive client to the listener.
     pub fn client(&self) -> Client {
-        Client::new(self.port)
+        Client::to(self.addr())
     }
 
     /// One request on a new connection.
@@ -395,7 +471,7 @@ impl Envoy {
     }
 
     fn try_admin(&self, path: &str) -> std::io::Result<(u16, String)> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.admin_port));
+        let addr = SocketAddr::from((self.ip, self.admin_port));
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let req = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
@@ -435,6 +511,11 @@ impl Envoy {
         }
     }
 
+    /// Envoy's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the Envoy process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -457,12 +538,26 @@ impl Envoy {
 impl Drop for Envoy {
     fn drop(&mut self) {
         self.kill();
-        if std::thread::panicking() {
+        if self.caller_dir {
+            // The caller keeps or removes it with the rest of its files.
+        } else if std::thread::panicking() {
             eprintln!("envoy config and log kept in {}", self.dir.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Where and how one Envoy process starts.
+struct Launch<'a> {
+    ip: Ipv4Addr,
+    port: u16,
+    admin_port: u16,
+    concurrency: u32,
+    extra_args: &'a [&'a str],
+    netns: Option<&'a Netns>,
+    dir: PathBuf,
+    caller_dir: bool,
 }
 
 fn new_temp_dir() -> PathBuf {
@@ -475,28 +570,4 @@ fn new_temp_dir() -> PathBuf {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("create temp dir");
     dir
-}
-
-type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Spawns from one thread that lives as long as the process. PR_SET_PDEATHSIG fires when
-/// the *thread* that forked exits, and test threads end after each test; a keeper thread
-/// means Envoy dies with the process, not with whichever test started it.
-fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
-    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
-    let keeper = KEEPER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("envoy-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("spawn keeper thread");
-        Mutex::new(tx)
-    });
-    let (reply, result) = mpsc::channel();
-    keeper.lock().unwrap().send((cmd, reply)).unwrap();
-    result.recv().unwrap()
 }

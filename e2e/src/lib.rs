@@ -1,6 +1,8 @@
 //! End-to-end harness for meshlimit: a real Envoy (from `scripts/install-envoy.sh`)
 //! running the real filter wasm, in front of an in-process demo upstream, driven by a
-//! small HTTP client that can send any bytes.
+//! small HTTP client that can send any bytes. [`topology`] builds three AZs on one
+//! machine (network namespaces, a Redis Cluster, a companion and an Envoy per AZ) for the
+//! global-limit scenarios.
 //!
 //! ```no_run
 //! use meshlimit_e2e::*;
@@ -15,11 +17,20 @@
 use std::path::PathBuf;
 
 pub mod client;
+pub mod companion;
+pub mod delay_proxy;
 pub mod envoy;
+pub mod load;
+pub mod netns;
+pub mod process;
+pub mod redis_cluster;
+pub mod topology;
 pub mod upstream;
 
 pub use client::{send_concurrent, send_raw, send_raw_bytes, Client, Request, Response};
 pub use envoy::{free_port, Envoy, EnvoyOptions};
+pub use load::{Load, LoadReport, LoadRun};
+pub use topology::{Az, Topology, TopologyOptions};
 pub use upstream::Upstream;
 
 /// The repository root (the workspace directory holding `e2e/`).

@@ -18,6 +18,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::netns::Netns;
+
 /// What the server remembers; shared between the connections and the harness.
 #[derive(Default)]
 pub struct UpstreamState {
@@ -90,6 +92,19 @@ impl Upstream {
     /// Starts on a free loopback port.
     pub fn start() -> Upstream {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        Upstream::serve_on(std_listener)
+    }
+
+    /// Starts on a free port of the loopback inside a network namespace: the listener is
+    /// made there, so it serves that namespace (an AZ's local backend) from this process.
+    pub fn start_in(netns: &Netns) -> Upstream {
+        let std_listener = netns
+            .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap_or_else(|e| panic!("bind upstream in {}: {e}", netns.name()));
+        Upstream::serve_on(std_listener)
+    }
+
+    fn serve_on(std_listener: std::net::TcpListener) -> Upstream {
         std_listener.set_nonblocking(true).unwrap();
         let port = std_listener.local_addr().unwrap().port();
         let state = Arc::new(UpstreamState::default());
