@@ -16,6 +16,7 @@ pub mod hash;
 pub mod headers;
 pub mod matching;
 pub mod protocol;
+pub mod shares;
 pub mod slots;
 
 /// The unit tests run natively with `cargo test` and, unchanged, inside wasm
