@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod gcra;
+pub mod global;
 pub mod hash;
 pub mod headers;
 pub mod matching;
