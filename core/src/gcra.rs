@@ -174,9 +174,8 @@ pub fn check_weighted(
     check(&at_share[..limits.len()], tats, now, hits)
 }
 
-/// Depth in time of `limit`'s bucket at `share`: the scale its `tat` is measured in.
-/// Share 0 admits nothing and keeps the unweighted scale `τ`, so a share that drops to
-/// 0 and comes back finds the bucket as it was (plus the time that passed).
+/// Depth in time of `limit`'s bucket at `share` (the scale its `tat` is measured in);
+/// share 0 has no bucket and reports the unweighted depth `τ`.
 pub fn depth_at(limit: &Limit, share: u32, floor: u32) -> u64 {
     weighted(limit, share, floor).map_or(limit.depth_ns, |l| l.depth_ns)
 }
@@ -186,9 +185,18 @@ pub fn depth_at(limit: &Limit, share: u32, floor: u32) -> u64 {
 /// full, `tat − now`, scales with the depth; a full bucket stays full. Only needed when
 /// a share is below its floor, or under one token: otherwise depths are equal and `tat`
 /// is returned as it is.
+///
+/// Share 0 admits nothing, but the clock keeps running on its `tat`: a bucket leaving
+/// share 0 therefore starts **empty** at its new share, or a proxy whose share dips to
+/// 0 between two grants would find a free, full bucket each time.
 pub fn rescale(limit: &Limit, tat: u64, now: u64, from: (u32, u32), to: (u32, u32)) -> u64 {
-    let depth_from = depth_at(limit, from.0, from.1);
     let depth_to = depth_at(limit, to.0, to.1);
+    match (from.0, to.0) {
+        (_, 0) => return tat,
+        (0, _) => return now.saturating_add(depth_to),
+        _ => {}
+    }
+    let depth_from = depth_at(limit, from.0, from.1);
     if depth_from == depth_to || tat <= now {
         return tat;
     }

@@ -10,7 +10,7 @@
 //! | `4·k` | `shares[k]` (u32) | share per limit, parts per 10⁹: the scale of the stored `tat`s |
 //! | 8 | `expiry_ns` (u64) | end of the companion's grant; 0 = no grant (the shares are the default or fallback share applied last) |
 //! | 4 | `admitted` (u32) | requests admitted since the last successful report (saturating) |
-//! | 4 | `reported_ms` (u32) | clock in ms, mod 2³², of the last successful report |
+//! | 4 | `reported_ms` (u32) | clock in ms, mod 2³², of the last successful report (or of the entry's creation) |
 //!
 //! One limit: 17 + 20 = 37 bytes (a local entry is 17); eight limits: 73 + 48 = 121.
 //! The get and the CAS the admission already does read and write all of it: global
@@ -39,15 +39,24 @@ pub struct KeyState {
 }
 
 impl KeyState {
-    /// A key seen for the first time: no grant; its fresh (full) buckets are at any
-    /// scale, so the shares can start at the one about to be applied.
-    pub fn new(share: u32) -> KeyState {
+    /// A key seen for the first time at `now`, with the share about to be applied
+    /// ([`ShareSource::share`]): no grant, full buckets at that share. Its span starts
+    /// now, as if reported: its first report's rate covers the time it existed.
+    pub fn new(share: u32, now: u64) -> KeyState {
         KeyState {
             shares: [share; MAX_LIMITS_PER_RULE],
             expiry_ns: 0,
             admitted: 0,
-            reported_ms: 0,
+            reported_ms: crate::report::clock_ms(now),
         }
+    }
+
+    /// Milliseconds since the last report (or the key's creation), at least 1; wraps
+    /// after 49 days (a key unreported that long is reported with a short span once).
+    pub fn span_ms(&self, now: u64) -> u32 {
+        crate::report::clock_ms(now)
+            .wrapping_sub(self.reported_ms)
+            .max(1)
     }
 
     /// Writes the trailer for `limits` limits into `out[..trailer_len(limits)]`.
@@ -142,6 +151,16 @@ pub enum ShareSource {
     Fallback(u32),
     Open,
     Closed,
+}
+
+impl ShareSource {
+    /// The share a bucket runs at, when it is one for every limit.
+    pub fn share(self) -> Option<u32> {
+        match self {
+            ShareSource::NewKey(s) | ShareSource::Fallback(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 /// The request-time choice of share (design: a grant is valid while it has not expired

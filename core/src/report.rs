@@ -12,8 +12,10 @@
 //!   when demand outgrows the share;
 //! - **renew**: the grant ends within `renew_within` and the key was used since;
 //! - **tracked** (chosen by the leader, not the request path): keys holding a share
-//!   above `quiet` whose use fell below `θ_low` × share, or whose entry is gone, so a
-//!   share whose demand moved away goes back within an interval instead of a lease.
+//!   above `quiet`, every interval (with whatever they used, possibly nothing), so a
+//!   share whose demand moved away goes back within an interval instead of a lease;
+//!   and keys whose grant came back below their target (*pending*: the others still
+//!   held the difference), so they collect it next interval.
 //!
 //! The request path calls [`reasons`] with what it has in hand and adds the key to its
 //! VM's [`CandidateSet`]: fixed capacity, no allocation after construction.
@@ -62,8 +64,7 @@ pub fn clock_ms(now_ns: u64) -> u32 {
 /// not hot from its first requests). Wraps after 49 days: a key unreported that long
 /// may look recent and be reported once more, which costs one entry.
 fn span_since_report(state: &KeyState, now: u64, interval_ns: u64) -> u64 {
-    let ms = clock_ms(now).wrapping_sub(state.reported_ms);
-    (u64::from(ms) * 1_000_000).max(interval_ns)
+    (u64::from(state.span_ms(now)) * 1_000_000).max(interval_ns)
 }
 
 /// `admitted / span ≥ permille/1000 · share · max / window` for `limit`.
@@ -209,9 +210,6 @@ impl CandidateSet {
 pub struct TrackedParams {
     /// A share above this (parts per 10⁹) is tracked.
     pub quiet: u32,
-    /// `θ_low`, per mille: a tracked key used below this fraction of its share is
-    /// reported so that it hands the rest back.
-    pub collapse_permille: u32,
     /// Most tracked keys per proxy (beyond it, a share returns through its lease).
     pub capacity: usize,
 }
@@ -220,16 +218,16 @@ impl Default for TrackedParams {
     fn default() -> Self {
         TrackedParams {
             quiet: SHARE_ONE / 50,
-            collapse_permille: 750,
             capacity: 4096,
         }
     }
 }
 
-/// The leader's tracked keys: (rule, fingerprint) → the largest share it holds.
+/// The leader's tracked keys: (rule, fingerprint) → (the largest share it holds,
+/// whether its grant is below its target).
 #[derive(Debug, Default)]
 pub struct TrackedKeys {
-    keys: BTreeMap<(u16, u64), u32>,
+    keys: BTreeMap<(u16, u64), (u32, bool)>,
     /// Keys not tracked because the set was full.
     pub dropped: u64,
 }
@@ -243,43 +241,42 @@ impl TrackedKeys {
         self.keys.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
-        self.keys.keys().copied()
+    /// (rule, fingerprint, pending) of every tracked key.
+    pub fn iter(&self) -> impl Iterator<Item = (u16, u64, bool)> + '_ {
+        self.keys
+            .iter()
+            .map(|(&(r, f), &(_, pending))| (r, f, pending))
     }
 
-    /// After a grant: tracked iff some share is above `quiet`.
-    pub fn update(&mut self, rule: u16, fingerprint: u64, shares: &[u32], p: &TrackedParams) {
+    /// After a grant: tracked iff some share is above `quiet`, or the grant is below its
+    /// target (`pending`: report it again next interval to collect the rest).
+    pub fn update(
+        &mut self,
+        rule: u16,
+        fingerprint: u64,
+        shares: &[u32],
+        pending: bool,
+        p: &TrackedParams,
+    ) {
         let top = shares.iter().copied().max().unwrap_or(0);
-        if top <= p.quiet {
+        if top <= p.quiet && !pending {
             self.keys.remove(&(rule, fingerprint));
         } else if self.keys.len() < p.capacity || self.keys.contains_key(&(rule, fingerprint)) {
-            self.keys.insert((rule, fingerprint), top);
+            self.keys.insert((rule, fingerprint), (top, pending));
         } else {
             self.dropped += 1;
         }
     }
 }
 
-/// Whether the leader adds a tracked key to this interval's report: its entry is gone
-/// (evicted: report it so its share is released), or some share above `quiet` is used
-/// below `θ_low` of its rate since the last report.
-pub fn tracked_due(
-    limits: &[Limit],
-    state: Option<&KeyState>,
-    now: u64,
-    interval_ns: u64,
-    p: &TrackedParams,
-) -> bool {
-    let Some(state) = state else { return true };
-    if state.expiry_ns <= now {
-        // The grant has ended; the companion drops it at the same time.
-        return false;
-    }
-    let span = span_since_report(state, now, interval_ns);
-    limits.iter().enumerate().any(|(i, limit)| {
-        let share = state.shares[i];
-        share > p.quiet && !rate_at_least(limit, state.admitted, span, share, p.collapse_permille)
-    })
+/// Whether the leader adds a tracked key to this interval's report: every interval
+/// while its grant lasts (with whatever it used, possibly nothing), and once more when
+/// its entry is gone (evicted: so the companion releases the share). The simulation
+/// tried reporting only keys whose use fell below a fraction of their share: 8 % fewer
+/// entries, but shares then lag the small wobbles of demand and accuracy drops (Zipf,
+/// 20k clients: 0.981 against 0.994).
+pub fn tracked_due(state: Option<&KeyState>, now: u64) -> bool {
+    state.is_none_or(|s| s.expiry_ns > now)
 }
 
 #[cfg(test)]

@@ -46,16 +46,44 @@ pub struct Peer<Id> {
     pub updated_ms: u64,
 }
 
-/// How a proxy's demand follows what it reports.
+/// How a proxy's demand follows what it reports. Counts over one interval are noisy
+/// (a proxy seeing 12 requests per interval sees 12 ± 3.5), and every wobble of a
+/// small proxy's share costs the saturated ones: capacity it gives up stays idle until
+/// they report, capacity it needs waits for them. So:
+/// - a report within `jump_sigmas` standard deviations of what the demand predicts
+///   (Poisson: `|hits − e| ≤ k·√e`) moves the demand slowly,
+///   `d ← (keep·d + x) / (keep + 1)`;
+/// - a report beyond it (a real change: the demand moved, stopped or grew) sets
+///   `d ← x` at once. `jump_sigmas = 0` turns the test off (always the average);
+/// - with `fast_down`, `x < d / 2` also sets `d ← x`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Smoothing {
-    /// `d = x`: the last span only.
-    None,
-    /// `d = (d + x) / 2`.
-    Halve,
-    /// `d = (d + x) / 2`, but `d = x` when `x < d / 2`: a collapse (the demand moved to
-    /// another proxy, or stopped) hands the share back at once.
-    HalveFastDown,
+pub struct Smoothing {
+    pub keep: u32,
+    pub jump_sigmas: u32,
+    pub fast_down: bool,
+}
+
+impl Smoothing {
+    /// The new demand from the old `d` and the observed `x` (both in parts per 10⁹ of
+    /// the limit's rate), `hits` being the count `x` came from and `e` the count `d`
+    /// predicted over the same span.
+    pub fn next(&self, d: u64, x: u64, hits: u64, e: u64) -> u64 {
+        let k = u128::from(self.jump_sigmas);
+        let dev = u128::from(hits.abs_diff(e));
+        if (k > 0 && dev * dev > k * k * u128::from(e.max(1))) || (self.fast_down && x < d / 2) {
+            return x;
+        }
+        let keep = u64::from(self.keep);
+        (keep * d + x) / (keep + 1)
+    }
+}
+
+/// The count a demand `d` (parts per 10⁹ of `max` per `window_ms`) predicts over
+/// `span_ms`.
+pub fn expected_hits(d: u64, max: u64, window_ms: u64, span_ms: u64) -> u64 {
+    let num = u128::from(d) * u128::from(max) * u128::from(span_ms);
+    let e = num / (u128::from(ONE) * u128::from(window_ms.max(1)));
+    u64::try_from(e).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +99,11 @@ pub struct ShareParams {
     /// and the script's work).
     pub max_peers: usize,
     pub smoothing: Smoothing,
+    /// Hold band, per mille: a peer whose want is within this fraction of the grant it
+    /// holds keeps that grant (see [`held_want`]).
+    pub hold_permille: u32,
+    /// `z` of [`headroom`].
+    pub headroom_sigmas: u32,
 }
 
 impl Default for ShareParams {
@@ -81,7 +114,13 @@ impl Default for ShareParams {
             epsilon: 10_000,
             lease_ms: 60_000,
             max_peers: 256,
-            smoothing: Smoothing::HalveFastDown,
+            smoothing: Smoothing {
+                keep: 3,
+                jump_sigmas: 0,
+                fast_down: true,
+            },
+            hold_permille: 100,
+            headroom_sigmas: 1,
         }
     }
 }
@@ -94,8 +133,11 @@ pub struct Report {
     /// The limit: `max` per `window_ms`.
     pub max: u64,
     pub window_ms: u64,
-    /// The span to assume when the key has no record yet: the proxy's sync interval.
+    /// The span to assume when the key has no record yet: the time since the proxy
+    /// created the key's entry (at most what it last reported for the key).
     pub first_span_ms: u64,
+    /// The proxy's sync interval.
+    pub interval_ms: u64,
 }
 
 /// Offered load over `span_ms` in parts per billion of the limit's rate:
@@ -112,13 +154,45 @@ pub fn want(demand: u64, p: &ShareParams) -> u64 {
     (grown + u64::from(p.epsilon)).min(ONE)
 }
 
+/// Headroom for a proxy's demand `d` when capacity is free: `z` standard deviations of
+/// its count per interval (`per_interval` = requests per interval at the whole limit),
+/// `z·√(d / per_interval)`. A share that follows demand exactly runs a bucket that
+/// random-walks empty under Poisson arrivals and refuses a client that is within its
+/// limit; the headroom that prevents it grows with √demand, so it is large for small
+/// demands and small for large ones. Only handed out from capacity no one else wants.
+pub fn headroom(d: u64, per_interval: u64, p: &ShareParams) -> u64 {
+    let var = u128::from(d.min(DEMAND_CAP)) * u128::from(ONE) / u128::from(per_interval.max(1));
+    u64::from(p.headroom_sigmas) * (var.min(u128::from(u64::MAX)) as u64).isqrt()
+}
+
+/// A peer's want, or the grant it holds when the want is within the hold band of it.
+/// Without the band every wobble of a small proxy's measured demand moves capacity that
+/// the saturated proxies only pick up on their next report (idle meanwhile); with it the
+/// small grant stays put, and the saturated ones keep exactly the rest.
+pub fn held_want<Id>(q: &Peer<Id>, p: &ShareParams) -> u64 {
+    let w = want(q.demand, p);
+    let g = u64::from(q.grant);
+    let band = g * u64::from(p.hold_permille) / 1000;
+    if g > 0 && w.abs_diff(g) <= band {
+        g
+    } else {
+        w
+    }
+}
+
 /// Max-min fair level over `wants`: the largest `L` with `Σ min(want, L) ≤ 1`, or 1
-/// when the wants fit. Each round counts the wants at or below the current level as
-/// satisfied; the level only rises, so the satisfied set only grows and the loop ends
-/// within `wants.len()` rounds.
+/// when the wants fit.
 pub fn water_level(wants: impl Iterator<Item = u64> + Clone) -> u64 {
-    if wants.clone().sum::<u64>() <= ONE {
-        return ONE;
+    water_level_of(ONE, wants)
+}
+
+/// The largest `L` with `Σ min(want, L) ≤ total`, or `total` when the wants fit. Each
+/// round counts the wants at or below the current level as satisfied; the level only
+/// rises, so the satisfied set only grows and the loop ends within `wants.len()`
+/// rounds.
+pub fn water_level_of(total: u64, wants: impl Iterator<Item = u64> + Clone) -> u64 {
+    if wants.clone().sum::<u64>() <= total {
+        return total;
     }
     let mut level = 0;
     loop {
@@ -130,7 +204,7 @@ pub fn water_level(wants: impl Iterator<Item = u64> + Clone) -> u64 {
                 above += 1;
             }
         }
-        let next = (ONE - satisfied.min(ONE)) / above.max(1);
+        let next = (total - satisfied.min(total)) / above.max(1);
         if above == 0 || next == level {
             return level.max(next);
         }
@@ -138,9 +212,23 @@ pub fn water_level(wants: impl Iterator<Item = u64> + Clone) -> u64 {
     }
 }
 
-/// Runs one report of proxy `me` against the record `peers` of a key, updating it in
-/// place, and returns `me`'s grant (parts per billion). `is_live` says whether a
-/// proxy is live (it synced within `3·interval`); `now_ms` is the store's clock.
+/// The outcome of one report for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    pub grant: u32,
+    /// What fairness gives this proxy; above `grant` while others still hold the
+    /// difference. The proxy should then report the key again next interval (the
+    /// others shrink on their reports), or the capacity set aside for it stays idle.
+    pub target: u32,
+}
+
+impl Allocation {
+    pub fn pending(&self) -> bool {
+        self.grant < self.target
+    }
+}
+
+/// [`allocate_detailed`], the grant only.
 pub fn allocate<Id: PartialEq + Clone>(
     peers: &mut Vec<Peer<Id>>,
     me: &Id,
@@ -149,26 +237,41 @@ pub fn allocate<Id: PartialEq + Clone>(
     is_live: impl Fn(&Id) -> bool,
     p: &ShareParams,
 ) -> u32 {
+    allocate_detailed(peers, me, report, now_ms, is_live, p).grant
+}
+
+/// Runs one report of proxy `me` against the record `peers` of a key, updating it in
+/// place, and returns `me`'s grant (parts per billion) and target. `is_live` says
+/// whether a proxy is live (it synced within `3·interval`); `now_ms` is the store's
+/// clock.
+pub fn allocate_detailed<Id: PartialEq + Clone>(
+    peers: &mut Vec<Peer<Id>>,
+    me: &Id,
+    report: &Report,
+    now_ms: u64,
+    is_live: impl Fn(&Id) -> bool,
+    p: &ShareParams,
+) -> Allocation {
     // A store clock that went backwards keeps records rather than dropping them all.
     peers.retain(|q| is_live(&q.proxy) && q.updated_ms.saturating_add(p.lease_ms) > now_ms);
     let mine = peers.iter().position(|q| &q.proxy == me);
     if mine.is_none() && peers.len() >= p.max_peers {
         // Not stored, so its share could not be subtracted from the others': nothing.
-        return 0;
+        return Allocation {
+            grant: 0,
+            target: 0,
+        };
     }
     let span = match mine {
         Some(i) => now_ms.saturating_sub(peers[i].updated_ms),
         None => report.first_span_ms,
     };
     let x = observed_demand(report.hits, report.max, report.window_ms, span);
-    let demand = match mine.map(|i| peers[i].demand) {
-        None => x,
-        Some(d) => match p.smoothing {
-            Smoothing::None => x,
-            Smoothing::HalveFastDown if x < d / 2 => x,
-            Smoothing::Halve | Smoothing::HalveFastDown => (d + x) / 2,
-        },
-    };
+    let demand = mine.map_or(x, |i| {
+        let d = peers[i].demand;
+        let e = expected_hits(d, report.max, report.window_ms, span);
+        p.smoothing.next(d, x, report.hits, e)
+    });
     let i = mine.unwrap_or_else(|| {
         peers.push(Peer {
             proxy: me.clone(),
@@ -181,15 +284,28 @@ pub fn allocate<Id: PartialEq + Clone>(
     peers[i].demand = demand;
     peers[i].updated_ms = now_ms;
 
-    let level = water_level(peers.iter().map(|q| want(q.demand, p)));
-    let target = want(demand, p).min(level);
+    let wants = peers.iter().map(|q| held_want(q, p));
+    let sum: u64 = wants.clone().sum();
+    let target = if sum > ONE {
+        // Contended: max-min fair shares of the whole.
+        held_want(&peers[i], p).min(water_level(wants))
+    } else {
+        // Room to spare: everyone gets its want, plus noise headroom out of the rest.
+        let per_interval = report.max.saturating_mul(report.interval_ms) / report.window_ms.max(1);
+        let extra = |q: &Peer<Id>| headroom(q.demand, per_interval, p);
+        let level = water_level_of(ONE - sum, peers.iter().map(extra));
+        held_want(&peers[i], p) + extra(&peers[i]).min(level)
+    };
     let others: u64 = (peers.iter().enumerate())
         .filter(|&(j, _)| j != i)
         .map(|(_, q)| u64::from(q.grant))
         .sum();
     let grant = target.min(ONE.saturating_sub(others)) as u32;
     peers[i].grant = grant;
-    grant
+    Allocation {
+        grant,
+        target: target as u32,
+    }
 }
 
 #[cfg(test)]

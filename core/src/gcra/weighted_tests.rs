@@ -117,13 +117,28 @@ fn share_changes_below_the_floor_keep_the_fill_fraction_after_rescale() {
     // Up to 0.8 (above the floor): capacity 80, half full.
     let t = rescale(&l, tats[0], now, (TENTH, floor), (SHARE_ONE / 5 * 4, floor));
     assert_eq!(remaining(&l, SHARE_ONE / 5 * 4, floor, &[t], now), 40);
-    // A full bucket stays full; to and from share 0 uses the unweighted depth.
+    // A full bucket stays full.
     assert_eq!(
         rescale(&l, now - 1, now, (TENTH, floor), (HALF, floor)),
         now - 1
     );
-    let t = rescale(&l, tats[0], now, (TENTH, floor), (0, floor));
-    assert_eq!(rescale(&l, t, now, (0, floor), (TENTH, floor)), tats[0]);
+}
+
+#[test]
+fn a_bucket_leaving_share_zero_starts_empty() {
+    let l = limit(1, 100, 100);
+    let now = 10 * S;
+    // Its old tat is long past (a full bucket at any scale) ...
+    let t = rescale(&l, 0, now, (0, THIRD), (TENTH, THIRD));
+    // ... but share 0 refilled nothing: empty, one token after T/w.
+    assert_eq!(remaining(&l, TENTH, THIRD, &[t], now), 0);
+    let t_w = weighted(&l, TENTH, THIRD).unwrap().interval_ns;
+    assert_eq!(remaining(&l, TENTH, THIRD, &[t], now + t_w), 1);
+    // Going to 0 keeps the tat (nothing is admitted there anyway).
+    assert_eq!(
+        rescale(&l, now + 5, now, (TENTH, THIRD), (0, THIRD)),
+        now + 5
+    );
 }
 
 #[test]

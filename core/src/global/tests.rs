@@ -33,7 +33,7 @@ fn drain(tats: &mut [u64], state: &mut KeyState, source: ShareSource, floor: u32
 fn trailer_round_trips_and_has_the_documented_size() {
     assert_eq!(trailer_len(1), 20);
     assert_eq!(trailer_len(MAX_LIMITS_PER_RULE), 48);
-    let mut state = KeyState::new(THIRD);
+    let mut state = KeyState::new(THIRD, 0);
     state.shares[1] = 7;
     state.expiry_ns = u64::MAX - 5;
     state.admitted = 123_456;
@@ -58,9 +58,9 @@ fn trailer_round_trips_and_has_the_documented_size() {
 #[test]
 fn which_share_applies() {
     let now = 100 * S;
-    let mut granted = KeyState::new(TENTH);
+    let mut granted = KeyState::new(TENTH, 0);
     granted.expiry_ns = now + S;
-    let fresh = KeyState::new(0);
+    let fresh = KeyState::new(0, 0);
     let up = synced(now - S, 4);
     let mode = FailureMode::Local;
     assert_eq!(
@@ -117,7 +117,7 @@ fn which_share_applies() {
 fn a_new_key_runs_at_a_fair_share_never_the_whole() {
     let now = 100 * S;
     let mut tats = [0];
-    let mut state = KeyState::new(THIRD);
+    let mut state = KeyState::new(THIRD, 0);
     let src = ShareSource::NewKey(THIRD);
     assert_eq!(
         drain(&mut tats, &mut state, src, THIRD, now),
@@ -141,7 +141,7 @@ fn a_new_key_runs_at_a_fair_share_never_the_whole() {
 fn rejections_write_nothing_and_open_closed_touch_nothing() {
     let now = 100 * S;
     let mut tats = [0];
-    let mut state = KeyState::new(THIRD);
+    let mut state = KeyState::new(THIRD, 0);
     drain(
         &mut tats,
         &mut state,
@@ -193,7 +193,7 @@ fn a_grant_is_applied_with_its_fill_fraction_and_counts_in_flight_survive() {
     let now = 100 * S;
     let floor = SHARE_ONE / 2;
     let mut tats = [0];
-    let mut state = KeyState::new(SHARE_ONE / 2);
+    let mut state = KeyState::new(SHARE_ONE / 2, 0);
     // At 1/2 (45 tokens) take 15: two thirds full.
     for _ in 0..15 {
         admit(
@@ -258,7 +258,7 @@ fn a_grant_is_applied_with_its_fill_fraction_and_counts_in_flight_survive() {
 #[test]
 fn the_admitted_count_saturates() {
     let mut tats = [0];
-    let mut state = KeyState::new(SHARE_ONE);
+    let mut state = KeyState::new(SHARE_ONE, 0);
     state.admitted = u32::MAX - 1;
     let l = [Limit::new(1, 1_000_000, 1_000_000).unwrap()];
     admit(

@@ -17,7 +17,7 @@ fn p() -> TriggerParams {
 /// A key granted `share` until `expiry`, last reported at `reported`, with `admitted`
 /// since and a bucket `fill` full (fraction).
 fn granted(share: u32, expiry: u64, reported: u64, admitted: u32) -> KeyState {
-    let mut s = KeyState::new(share);
+    let mut s = KeyState::new(share, 0);
     s.expiry_ns = expiry;
     s.reported_ms = clock_ms(reported);
     s.admitted = admitted;
@@ -37,7 +37,7 @@ fn take(tats: &mut [u64], state: &mut KeyState, n: u64, now: u64) -> Admission {
 fn new_and_rejected_keys_are_candidates() {
     let now = 100 * S;
     let mut tats = [0];
-    let mut state = KeyState::new(HALF);
+    let mut state = KeyState::new(HALF, 0);
     let src = ShareSource::NewKey(HALF);
     let a = admit(&[limit()], &mut tats, &mut state, src, HALF, now, 1);
     assert_eq!(
@@ -226,38 +226,38 @@ fn tracked_keys_follow_their_grants_and_hand_back_unused_shares() {
         ..TrackedParams::default()
     };
     let mut tracked = TrackedKeys::default();
-    tracked.update(0, 1, &[HALF], &tp);
-    tracked.update(0, 2, &[tp.quiet], &tp);
+    tracked.update(0, 1, &[HALF], false, &tp);
+    tracked.update(0, 2, &[tp.quiet], false, &tp);
+    let keys = |t: &TrackedKeys| t.iter().collect::<Vec<_>>();
     assert_eq!(
-        tracked.iter().collect::<Vec<_>>(),
-        vec![(0, 1)],
+        keys(&tracked),
+        vec![(0, 1, false)],
         "quiet shares are not tracked"
     );
-    tracked.update(0, 3, &[tp.quiet, HALF], &tp);
-    tracked.update(0, 4, &[HALF], &tp);
+    tracked.update(0, 3, &[tp.quiet, HALF], false, &tp);
+    tracked.update(0, 4, &[HALF], false, &tp);
     assert_eq!((tracked.len(), tracked.dropped), (2, 1));
-    tracked.update(0, 1, &[0], &tp);
-    assert_eq!(tracked.iter().collect::<Vec<_>>(), vec![(0, 3)]);
+    tracked.update(0, 1, &[0], false, &tp);
+    // A grant of 0 below its target is tracked, as pending, until it is not.
+    tracked.update(0, 5, &[0], true, &tp);
+    assert_eq!(keys(&tracked), vec![(0, 3, false), (0, 5, true)]);
+    tracked.update(0, 5, &[0], false, &tp);
+    assert_eq!(keys(&tracked), vec![(0, 3, false)]);
 
     let now = 100 * S;
-    let l = [limit()];
-    let i = S;
-    // Used at its share over the last second: nothing to hand back.
-    let steady = granted(HALF, now + 30 * S, now - S, 49);
-    assert!(!tracked_due(&l, Some(&steady), now, i, &tp));
-    // Use fell to a fifth of it, or stopped: report.
-    let fell = granted(HALF, now + 30 * S, now - S, 10);
-    assert!(tracked_due(&l, Some(&fell), now, i, &tp));
-    let stopped = granted(HALF, now + 30 * S, now - 3 * S, 0);
-    assert!(tracked_due(&l, Some(&stopped), now, i, &tp));
+    // Due every interval while the grant lasts, used or not.
+    assert!(tracked_due(
+        Some(&granted(HALF, now + 30 * S, now - S, 49)),
+        now
+    ));
+    assert!(tracked_due(
+        Some(&granted(HALF, now + 30 * S, now - 3 * S, 0)),
+        now
+    ));
     // Evicted from the table: report (with nothing) so the companion frees the share.
-    assert!(tracked_due(&l, None, now, i, &tp));
+    assert!(tracked_due(None, now));
     // Expired: the companion has dropped it already.
-    let ended = granted(HALF, now, now - 3 * S, 0);
-    assert!(!tracked_due(&l, Some(&ended), now, i, &tp));
-    // A quiet share is never due.
-    let small = granted(tp.quiet, now + S, now - 3 * S, 0);
-    assert!(!tracked_due(&l, Some(&small), now, i, &tp));
+    assert!(!tracked_due(Some(&granted(HALF, now, now - 3 * S, 0)), now));
 }
 
 #[test]
@@ -265,7 +265,7 @@ fn a_reported_key_starts_a_new_span() {
     // After a grant is applied, the reported count is gone and the span restarts: the
     // first requests after a report do not look hot.
     let now = 100 * S;
-    let mut state = KeyState::new(HALF);
+    let mut state = KeyState::new(HALF, 0);
     let mut tats = [0];
     for _ in 0..40 {
         admit(

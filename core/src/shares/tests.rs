@@ -6,7 +6,13 @@ const P: ShareParams = ShareParams {
     epsilon: 10_000,
     lease_ms: 60_000,
     max_peers: 256,
-    smoothing: Smoothing::HalveFastDown,
+    smoothing: Smoothing {
+        keep: 1,
+        jump_sigmas: 0,
+        fast_down: true,
+    },
+    hold_permille: 0,
+    headroom_sigmas: 0,
 };
 
 /// A report of `rate` (fraction of the limit's rate) over one 1 s interval of a limit
@@ -17,6 +23,7 @@ fn rate(rate: f64) -> Report {
         max: 1000,
         window_ms: 1000,
         first_span_ms: 1000,
+        interval_ms: 1000,
     }
 }
 
@@ -108,6 +115,7 @@ fn grants_never_sum_above_one_under_random_reports() {
             max: 1 + (r >> 50) % 3,
             window_ms: 1000,
             first_span_ms: 1 + (r >> 33) % 2000,
+            interval_ms: 1000,
         };
         let g = allocate(&mut peers, &who, &report, now, |q| !dead[*q as usize], &p);
         assert!(g <= SHARE_ONE);
@@ -224,6 +232,7 @@ fn bounded_peers_and_garbage_inputs() {
         max: 0,
         window_ms: u64::MAX,
         first_span_ms: 0,
+        interval_ms: 0,
     };
     let g = allocate(&mut peers, &0, &weird, 0, live, &p);
     assert!(g <= SHARE_ONE);
