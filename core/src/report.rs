@@ -33,6 +33,9 @@ pub const RENEW: u8 = 8;
 pub const TRACKED: u8 = 16;
 /// Part of a report that failed: sent again with the next one.
 pub const RETRY: u8 = 32;
+/// The entry of a key holding a grant was evicted from the table: report it once so
+/// the companion drops this proxy's record of it (and its share) at once.
+pub const RELEASE: u8 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TriggerParams {
@@ -208,16 +211,25 @@ impl CandidateSet {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrackedParams {
-    /// A share above this (parts per 10⁹) is tracked.
-    pub quiet: u32,
+    /// A share above `1 / (quiet_divisor · n)` is tracked (`n` live proxies): what the
+    /// untracked shares of one key can strand, if their proxies stop using it, is then
+    /// at most `1 / quiet_divisor` of its limit, for at most a lease.
+    pub quiet_divisor: u32,
     /// Most tracked keys per proxy (beyond it, a share returns through its lease).
     pub capacity: usize,
+}
+
+impl TrackedParams {
+    /// The quiet level for `n` live proxies.
+    pub fn quiet(&self, n: u32) -> u32 {
+        SHARE_ONE / self.quiet_divisor.max(1).saturating_mul(n.max(1))
+    }
 }
 
 impl Default for TrackedParams {
     fn default() -> Self {
         TrackedParams {
-            quiet: SHARE_ONE / 50,
+            quiet_divisor: 10,
             capacity: 4096,
         }
     }
@@ -248,18 +260,20 @@ impl TrackedKeys {
             .map(|(&(r, f), &(_, pending))| (r, f, pending))
     }
 
-    /// After a grant: tracked iff some share is above `quiet`, or the grant is below its
-    /// target (`pending`: report it again next interval to collect the rest).
+    /// After a grant: tracked iff some share is above the quiet level `quiet` (see
+    /// [`TrackedParams::quiet`]), or the grant is below its target (`pending`: report it
+    /// again next interval to collect the rest).
     pub fn update(
         &mut self,
         rule: u16,
         fingerprint: u64,
         shares: &[u32],
         pending: bool,
+        quiet: u32,
         p: &TrackedParams,
     ) {
         let top = shares.iter().copied().max().unwrap_or(0);
-        if top <= p.quiet && !pending {
+        if top <= quiet && !pending {
             self.keys.remove(&(rule, fingerprint));
         } else if self.keys.len() < p.capacity || self.keys.contains_key(&(rule, fingerprint)) {
             self.keys.insert((rule, fingerprint), (top, pending));

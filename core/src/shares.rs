@@ -7,25 +7,28 @@
 //! 1. peers whose proxy is dead (no sync for `3·interval`, told by the caller) or that
 //!    did not report the key within the lease are dropped: their shares return;
 //! 2. `p`'s demand is updated from what it saw (admitted + rejected) over the span since
-//!    it last reported the key (see [`Smoothing`]);
-//! 3. every live peer wants `min(1, d·(1 + m) + ε)`; when the wants sum to more than 1,
-//!    max-min fair **water-filling** finds the level `L` with `Σ min(want, L) = 1`
-//!    (otherwise `L = 1`: everyone gets what it wants and the rest stays free for
-//!    newcomers and growth). `p`'s target is `min(want_p, L)`;
+//!    it last reported the key ([`Smoothing`]: an average, or a jump on a change beyond
+//!    the Poisson noise);
+//! 3. every live peer wants `min(1, d·(1 + m) + ε)`. When the wants sum to more than 1
+//!    (contended), max-min fair **water-filling** finds the level `L` with
+//!    `Σ min(want, L) = 1` and `p`'s target is `min(want_p, L)`: work-conserving, no
+//!    per-proxy floor, so a 90/5/5 split wastes only the small proxies' margins. When
+//!    they fit, `p` gets its want plus [`headroom`] for the noise of its own demand,
+//!    water-filled out of the capacity nobody wants;
 //! 4. its grant is `g_p = min(target, 1 − Σ_{q≠p} g_q)`: what the others hold is never
 //!    handed out twice, so **the grants of the live peers sum to at most 1 at every
-//!    instant**, whatever order reports arrive in.
-//!
-//! No per-proxy floor: a proxy gets what its demand needs (plus the margin), so a 90/5/5
-//! split wastes only the margins of the small proxies. A share that grows waits for the
-//! shrinking holders to report (the filter re-reports tracked keys every interval).
+//!    instant**, whatever order reports arrive in. A grant below its target is
+//!    *pending*: the proxy reports the key again next interval, by when the others
+//!    have shrunk on their own reports.
 //!
 //! Everything stored is an integer: shares and demands in parts per billion of the
 //! limit (demand `1e9` = the limit's rate), times in store-clock milliseconds. The loops
-//! allocate nothing and use only `+ − × ÷ min`, so the Lua script that runs this in
-//! Redis is a line-by-line port: Lua numbers are exact integers below 2^53, which every
-//! stored value and intermediate stays under except the product in
-//! [`observed_demand`] (there Lua may round differently by a part per billion).
+//! allocate nothing and use only `+ − × ÷ min` and an integer square root, so the Lua
+//! script that runs this in Redis is a line-by-line port: Lua numbers are exact
+//! integers below 2^53, which every stored value and intermediate stays under except
+//! the products in [`observed_demand`] and [`expected_hits`] (there Lua may round
+//! differently by a part per billion, or one hit).
+//! The parameters were chosen with the simulation (`docs/global-limits.md`).
 
 use crate::gcra::SHARE_ONE;
 
@@ -47,20 +50,19 @@ pub struct Peer<Id> {
 }
 
 /// How a proxy's demand follows what it reports. Counts over one interval are noisy
-/// (a proxy seeing 12 requests per interval sees 12 ± 3.5), and every wobble of a
-/// small proxy's share costs the saturated ones: capacity it gives up stays idle until
-/// they report, capacity it needs waits for them. So:
+/// (a proxy seeing 12 requests per interval sees 12 ± 3.5, a quiet key sees 0 or 1),
+/// and every wobble of a small proxy's share costs the saturated ones: capacity it
+/// gives up stays idle until they report, capacity it needs waits for them. So:
 /// - a report within `jump_sigmas` standard deviations of what the demand predicts
-///   (Poisson: `|hits − e| ≤ k·√e`) moves the demand slowly,
+///   (Poisson: `(hits − e)² ≤ k²·e`) moves the demand as an average,
 ///   `d ← (keep·d + x) / (keep + 1)`;
-/// - a report beyond it (a real change: the demand moved, stopped or grew) sets
-///   `d ← x` at once. `jump_sigmas = 0` turns the test off (always the average);
-/// - with `fast_down`, `x < d / 2` also sets `d ← x`.
+/// - a report beyond it is a real change (the demand moved, stopped or grew):
+///   `d ← x` at once, so a share whose demand went elsewhere comes back within one
+///   report. A quiet key that saw nothing this interval (`e = 1`, 0 hits) is noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Smoothing {
     pub keep: u32,
     pub jump_sigmas: u32,
-    pub fast_down: bool,
 }
 
 impl Smoothing {
@@ -70,7 +72,7 @@ impl Smoothing {
     pub fn next(&self, d: u64, x: u64, hits: u64, e: u64) -> u64 {
         let k = u128::from(self.jump_sigmas);
         let dev = u128::from(hits.abs_diff(e));
-        if (k > 0 && dev * dev > k * k * u128::from(e.max(1))) || (self.fast_down && x < d / 2) {
+        if dev * dev > k * k * u128::from(e.max(1)) {
             return x;
         }
         let keep = u64::from(self.keep);
@@ -99,9 +101,6 @@ pub struct ShareParams {
     /// and the script's work).
     pub max_peers: usize,
     pub smoothing: Smoothing,
-    /// Hold band, per mille: a peer whose want is within this fraction of the grant it
-    /// holds keeps that grant (see [`held_want`]).
-    pub hold_permille: u32,
     /// `z` of [`headroom`].
     pub headroom_sigmas: u32,
 }
@@ -112,14 +111,12 @@ impl Default for ShareParams {
         ShareParams {
             margin_ppm: 20_000,
             epsilon: 10_000,
-            lease_ms: 60_000,
+            lease_ms: 600_000,
             max_peers: 256,
             smoothing: Smoothing {
                 keep: 3,
-                jump_sigmas: 0,
-                fast_down: true,
+                jump_sigmas: 3,
             },
-            hold_permille: 100,
             headroom_sigmas: 1,
         }
     }
@@ -165,21 +162,6 @@ pub fn headroom(d: u64, per_interval: u64, p: &ShareParams) -> u64 {
     u64::from(p.headroom_sigmas) * (var.min(u128::from(u64::MAX)) as u64).isqrt()
 }
 
-/// A peer's want, or the grant it holds when the want is within the hold band of it.
-/// Without the band every wobble of a small proxy's measured demand moves capacity that
-/// the saturated proxies only pick up on their next report (idle meanwhile); with it the
-/// small grant stays put, and the saturated ones keep exactly the rest.
-pub fn held_want<Id>(q: &Peer<Id>, p: &ShareParams) -> u64 {
-    let w = want(q.demand, p);
-    let g = u64::from(q.grant);
-    let band = g * u64::from(p.hold_permille) / 1000;
-    if g > 0 && w.abs_diff(g) <= band {
-        g
-    } else {
-        w
-    }
-}
-
 /// Max-min fair level over `wants`: the largest `L` with `Σ min(want, L) ≤ 1`, or 1
 /// when the wants fit.
 pub fn water_level(wants: impl Iterator<Item = u64> + Clone) -> u64 {
@@ -210,6 +192,12 @@ pub fn water_level_of(total: u64, wants: impl Iterator<Item = u64> + Clone) -> u
         }
         level = next;
     }
+}
+
+/// Proxy `me` no longer holds the key (its filter evicted the entry, or reports it
+/// released): its record goes, and with it its share.
+pub fn release<Id: PartialEq>(peers: &mut Vec<Peer<Id>>, me: &Id) {
+    peers.retain(|q| &q.proxy != me);
 }
 
 /// The outcome of one report for one key.
@@ -284,17 +272,17 @@ pub fn allocate_detailed<Id: PartialEq + Clone>(
     peers[i].demand = demand;
     peers[i].updated_ms = now_ms;
 
-    let wants = peers.iter().map(|q| held_want(q, p));
+    let wants = peers.iter().map(|q| want(q.demand, p));
     let sum: u64 = wants.clone().sum();
     let target = if sum > ONE {
         // Contended: max-min fair shares of the whole.
-        held_want(&peers[i], p).min(water_level(wants))
+        want(demand, p).min(water_level(wants))
     } else {
         // Room to spare: everyone gets its want, plus noise headroom out of the rest.
         let per_interval = report.max.saturating_mul(report.interval_ms) / report.window_ms.max(1);
         let extra = |q: &Peer<Id>| headroom(q.demand, per_interval, p);
         let level = water_level_of(ONE - sum, peers.iter().map(extra));
-        held_want(&peers[i], p) + extra(&peers[i]).min(level)
+        want(demand, p) + extra(&peers[i]).min(level)
     };
     let others: u64 = (peers.iter().enumerate())
         .filter(|&(j, _)| j != i)

@@ -1,146 +1,196 @@
-//! Prints the simulation's tables: `cargo run -p meshlimit-sim --release`.
+//! Prints the simulation's tables: `cargo run -p meshlimit-sim --release` (add
+//! `--scale` for 10 to 50 proxies and up to 1M clients, `--tune` for the parameter
+//! search, `--timeline` for admitted − ideal second by second).
 
-use meshlimit_sim::scenario::{self, Scenario};
+use meshlimit_core::shares::Smoothing;
+use meshlimit_sim::scenario::{self, Scenario, S};
+
+fn header() {
+    println!(
+        "| {:<44} | {:>8} | {:>8} | {:>6} | {:>7} | {:>14} | {:>16} | {:>9} |",
+        "scenario",
+        "admitted",
+        "ideal",
+        "acc",
+        "acc lim",
+        "bound",
+        "entries mean/p99/max",
+        "callouts"
+    );
+    println!(
+        "|{:-<46}|{:->10}|{:->10}|{:->8}|{:->9}|{:->16}|{:->22}|{:->11}|",
+        "", "", "", "", "", "", "", ""
+    );
+}
 
 fn row(s: &Scenario) {
-    let t = std::time::Instant::now();
     let o = s.run();
     let l = o.limited();
-    let (mean, p99, max) = o.report_stats(10 * scenario::S);
+    let (mean, p99, max) = o.report_stats(s.steady_from_ns);
+    let bound = s.bound.as_ref().map_or("—".to_string(), |b| {
+        let (lo, hi) = b.range();
+        format!("{lo:.0}..+{hi:.0}")
+    });
     println!(
-        "{:<48} {:>9} {:>9} {:>7.4} {:>7.4} {:>7.1} {:>5} {:>6} {:>8.5} {:>5.1}s",
+        "| {:<44} | {:>8} | {:>8} | {:>6.4} | {:>7.4} | {:>14} | {:>20} | {:>9.5} |",
         s.name,
         o.admitted,
         o.ideal,
         o.accuracy(),
         l.admitted as f64 / l.ideal.max(1) as f64,
-        mean,
-        p99,
-        max,
+        bound,
+        format!("{mean:.1} / {p99} / {max}"),
         o.callouts_per_admitted(),
-        t.elapsed().as_secs_f64()
     );
 }
 
-/// Accuracy of a few scenarios (mean over 3 seeds) for a grid of parameters.
-fn tune() {
-    use meshlimit_core::shares::Smoothing;
-    let grid: Vec<(u32, u32, u32, bool, u32, u32)> = vec![
-        (20_000, 3, 0, true, 0, 100),
-        (20_000, 3, 0, true, 1, 100),
-        (20_000, 3, 0, true, 2, 100),
-        (20_000, 3, 0, true, 3, 100),
-        (20_000, 3, 0, true, 4, 100),
-    ];
-    for (margin, keep, jump_sigmas, fast_down, collapse, hold) in grid {
-        let mut line = format!("m={margin:>6} keep={keep:<2} k={jump_sigmas} fast={fast_down:<5} z={collapse} hold={hold:<3}");
-        let scenarios = [
-            scenario::skewed(2.5),
-            scenario::skewed(10.0),
-            scenario::shift(),
-            scenario::join(),
-            scenario::leave(),
-            scenario::zipf(3, 20_000, 10_000.0, 30),
-        ];
-        for mut s in scenarios {
-            let mut acc = 0.0;
-            let mut all = 0.0;
-            let mut size = 0.0;
-            for seed in 1..=3 {
-                s.cfg.seed = seed;
-                s.cfg.shares.margin_ppm = margin;
-                s.cfg.shares.smoothing = Smoothing {
-                    keep,
-                    jump_sigmas,
-                    fast_down,
-                };
-                s.cfg.shares.headroom_sigmas = collapse;
-                s.cfg.shares.hold_permille = hold;
-                let o = s.run();
-                let l = o.limited();
-                acc += l.admitted as f64 / l.ideal as f64 / 3.0;
-                all += o.accuracy() / 3.0;
-                size += o.report_stats(10 * scenario::S).0 / 3.0;
-            }
-            line += &format!("  {acc:.4}/{all:.4}/{size:<4.0}");
-        }
-        println!("{line}");
-    }
-}
-
-fn main() {
-    if std::env::args().nth(1).as_deref() == Some("--scale-rate") {
-        for k in [1.0, 10.0, 100.0] {
-            let mut s = scenario::skewed(2.5);
-            let max = (100.0 * k) as u64;
-            s.cfg.limit = meshlimit_core::config::Limit::new(1, max, max).unwrap();
-            for ph in &mut s.phases {
-                for r in ph.rates.iter_mut().flatten() {
-                    *r *= k;
-                }
-            }
-            for i in [1u64, 4] {
-                s.cfg.interval_ns = i * scenario::S / 4;
-                s.cfg.trigger =
-                    meshlimit_core::report::TriggerParams::for_interval(s.cfg.interval_ns);
-                let o = s.run();
-                let d: Vec<i64> = o
-                    .timeline
-                    .iter()
-                    .step_by(5)
-                    .map(|&(a, i)| a as i64 - i as i64)
-                    .collect();
-                println!("×{k} I={}ms acc {:.4} {d:?}", i * 250, o.accuracy());
-            }
-        }
-        return;
-    }
-    if std::env::args().nth(1).as_deref() == Some("--tune") {
-        tune();
-        return;
-    }
-    if let Some(name) = std::env::args().nth(1).filter(|a| a == "--timeline") {
-        let _ = name;
-        for s in [
-            scenario::uniform(),
-            scenario::skewed(2.5),
-            scenario::shift(),
-            scenario::join(),
-            scenario::leave(),
-        ] {
-            let o = s.run();
-            let diffs: Vec<i64> = o
-                .timeline
-                .iter()
-                .map(|&(a, i)| a as i64 - i as i64)
-                .collect();
-            println!("{}: {:?}", s.name, diffs);
-        }
-        return;
-    }
-    println!(
-        "{:<48} {:>9} {:>9} {:>7} {:>7} {:>7} {:>5} {:>6} {:>8} {:>6}",
-        "scenario",
-        "admitted",
-        "ideal",
-        "acc",
-        "acc-lim",
-        "rep-mean",
-        "p99",
-        "max",
-        "callouts",
-        "time"
-    );
-    for s in [
+fn scenarios() -> Vec<Scenario> {
+    vec![
         scenario::uniform(),
         scenario::skewed(10.0),
+        scenario::skewed(3.0),
         scenario::skewed(2.5),
+        scenario::skewed(2.0),
         scenario::shift(),
         scenario::join(),
         scenario::leave(),
         scenario::zipf(3, 100_000, 30_000.0, 60),
         scenario::hot_and_quiet(3, 10_000, 10),
+    ]
+}
+
+fn scale() {
+    for (n, clients, rate) in [
+        (3, 10_000, 10_000.0),
+        (10, 10_000, 10_000.0),
+        (50, 10_000, 10_000.0),
+        (10, 100_000, 30_000.0),
+        (50, 100_000, 30_000.0),
+        (50, 1_000_000, 100_000.0),
     ] {
+        row(&scenario::zipf(n, clients, rate, 30));
+    }
+    for n in [3, 10, 50] {
+        row(&scenario::hot_and_quiet(n, 10_000, 10));
+    }
+    for n in [3, 10, 50] {
+        for t in [0.5, 0.9, 5.0] {
+            row(&scenario::uniform_n(n, t));
+        }
+    }
+    // The same at N = 50 with a burst of 4 s of rate: per-proxy buckets deep enough for
+    // their Poisson noise.
+    for t in [0.5, 0.9, 5.0] {
+        let mut s = scenario::uniform_n(50, t);
+        s.cfg.limit = meshlimit_core::config::Limit::new(1, 100, 400).expect("valid");
+        s.name += ", burst 4×max";
         row(&s);
+    }
+}
+
+/// Accuracy (mean over 3 seeds) of the scenarios for variations of the parameters.
+fn tune() {
+    type Knob = (&'static str, fn(&mut Scenario));
+    let knobs: Vec<Knob> = vec![
+        ("shipped defaults", |_| {}),
+        ("margin 0", |s| s.cfg.shares.margin_ppm = 0),
+        ("margin 5 %", |s| s.cfg.shares.margin_ppm = 50_000),
+        ("no smoothing", |s| {
+            s.cfg.shares.smoothing = Smoothing {
+                keep: 0,
+                jump_sigmas: 3,
+            }
+        }),
+        ("halve, jump at 3σ", |s| {
+            s.cfg.shares.smoothing = Smoothing {
+                keep: 1,
+                jump_sigmas: 3,
+            }
+        }),
+        ("keep 7/8, jump at 3σ", |s| {
+            s.cfg.shares.smoothing = Smoothing {
+                keep: 7,
+                jump_sigmas: 3,
+            }
+        }),
+        ("keep 3/4, jump at 2σ", |s| {
+            s.cfg.shares.smoothing = Smoothing {
+                keep: 3,
+                jump_sigmas: 2,
+            }
+        }),
+        ("keep 3/4, jump at 4σ", |s| {
+            s.cfg.shares.smoothing = Smoothing {
+                keep: 3,
+                jump_sigmas: 4,
+            }
+        }),
+        ("no headroom", |s| s.cfg.shares.headroom_sigmas = 0),
+        ("headroom 2σ", |s| s.cfg.shares.headroom_sigmas = 2),
+        ("θ 0.25", |s| s.cfg.trigger.hot_permille = 250),
+        ("θ 0.75", |s| s.cfg.trigger.hot_permille = 750),
+        ("quiet 1/(4n)", |s| s.cfg.tracked.quiet_divisor = 4),
+        ("quiet 1/(40n)", |s| s.cfg.tracked.quiet_divisor = 40),
+        ("pending not re-reported", |s| s.cfg.report_pending = false),
+        ("lease 60 s", |s| s.cfg.shares.lease_ms = 60_000),
+    ];
+    let set = || {
+        vec![
+            scenario::skewed(2.5),
+            scenario::shift(),
+            scenario::leave(),
+            scenario::zipf(3, 20_000, 10_000.0, 30),
+            scenario::hot_and_quiet(3, 10_000, 10),
+        ]
+    };
+    print!("| {:<24} |", "variation");
+    for s in set() {
+        print!(" {:<22} |", s.name.chars().take(22).collect::<String>());
+    }
+    println!(
+        "\n|{:-<26}|{}",
+        "",
+        "-----------------------:|".repeat(set().len())
+    );
+    for (name, knob) in knobs {
+        print!("| {name:<24} |");
+        for mut s in set() {
+            knob(&mut s);
+            let (mut acc, mut size) = (0.0, 0.0);
+            for seed in 1..=3 {
+                s.cfg.seed = seed;
+                let o = s.run();
+                acc += o.accuracy() / 3.0;
+                size += o.report_stats(s.steady_from_ns).0 / 3.0;
+            }
+            print!(" {acc:.4} / {size:>6.1} entries |");
+        }
+        println!();
+    }
+}
+
+fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("--scale") => {
+            header();
+            scale();
+        }
+        Some("--tune") => tune(),
+        Some("--timeline") => {
+            for s in scenarios().into_iter().take(8) {
+                let o = s.run();
+                let d: Vec<i64> = (o.timeline.iter().step_by(5))
+                    .map(|&(a, i)| a as i64 - i as i64)
+                    .collect();
+                println!("{}: admitted − ideal every 5 s: {d:?}", s.name);
+            }
+        }
+        _ => {
+            let _ = S;
+            header();
+            for s in scenarios() {
+                row(&s);
+            }
+        }
     }
 }

@@ -42,6 +42,7 @@ pub struct Config {
     /// Re-report keys whose grant came back below target (on by default; off to
     /// measure what it buys).
     pub report_pending: bool,
+    pub floor_scale: u32,
     pub duration_ns: u64,
     pub seed: u64,
 }
@@ -59,6 +60,7 @@ impl Config {
             candidate_capacity: 16_384,
             fallback_share: None,
             report_pending: true,
+            floor_scale: 1,
             duration_ns,
             seed: 1,
         }
@@ -175,11 +177,6 @@ struct Proxy {
     tracked: TrackedKeys,
     in_flight: bool,
     ticks: u64,
-    stat_admitted: u64,
-    stat_rejected: u64,
-    share0: u32,
-    share0_since: u64,
-    share_integral: f64,
 }
 
 struct SentReport {
@@ -274,11 +271,6 @@ pub fn run(cfg: &Config, phases: &[Phase], clients: &Clients) -> Outcome {
             tracked: TrackedKeys::default(),
             in_flight: false,
             ticks: 0,
-            stat_admitted: 0,
-            stat_rejected: 0,
-            share0: SHARE_ONE / 3,
-            share0_since: T0,
-            share_integral: 0.0,
         })
         .collect();
     let mut companion = Companion {
@@ -364,8 +356,6 @@ pub fn run(cfg: &Config, phases: &[Phase], clients: &Clients) -> Outcome {
                     }
                 };
                 let admitted = request(cfg, px, client, now);
-                px.stat_admitted += u64::from(admitted);
-                px.stat_rejected += u64::from(!admitted);
                 let ideal = {
                     let tat = ideal_tats.entry(client).or_insert(0);
                     gcra::check(&limits, std::slice::from_mut(tat), now, 1).allowed
@@ -414,17 +404,15 @@ pub fn run(cfg: &Config, phases: &[Phase], clients: &Clients) -> Outcome {
             }
         }
     }
-    for (i, px) in proxies.iter().enumerate() {
-        if std::env::var_os("SIM_TRACE").is_some() {
-            eprintln!(
-                "proxy {i}: admitted {} rejected {} ∫share·r {:.0}",
-                px.stat_admitted, px.stat_rejected, px.share_integral
-            );
-        }
+    for px in &proxies {
         out.dropped_candidates += px.candidates.dropped();
         out.dropped_tracked += px.tracked.dropped;
     }
     out
+}
+
+fn scale_floor(floor: u32, scale: u32) -> u32 {
+    (u64::from(floor) * u64::from(scale)).min(u64::from(SHARE_ONE)) as u32
 }
 
 /// One request of `client` at proxy `px`: the filter's request path for a global key.
@@ -443,7 +431,7 @@ fn request(cfg: &Config, px: &mut Proxy, client: u32, now: u64) -> bool {
     });
     let mut state = entry.state();
     let source = choose(&state);
-    let floor = global::burst_floor(&px.sync, source);
+    let floor = scale_floor(global::burst_floor(&px.sync, source), cfg.floor_scale);
     let admission = global::admit(&limits, &mut entry.tats, &mut state, source, floor, now, 1);
     let allowed = match admission {
         global::Admission::Bucket(d) => {
@@ -473,8 +461,7 @@ fn request(cfg: &Config, px: &mut Proxy, client: u32, now: u64) -> bool {
 /// The leader's report: the candidates, plus tracked keys that are due.
 fn build_report(cfg: &Config, px: &mut Proxy, p: u16, now: u64) -> SentReport {
     let mut keys: Vec<(u32, u32)> = Vec::new();
-    px.candidates
-        .drain(|c| keys.push((c.fingerprint as u32, c.rejected)));
+    (px.candidates).drain(|c| keys.push((c.fingerprint as u32, c.rejected)));
     let listed: HashSet<u32> = keys.iter().map(|k| k.0).collect();
     for (_, fp, pending) in px.tracked.iter() {
         let client = fp as u32;
@@ -532,19 +519,6 @@ impl Companion {
                     is_live,
                     &cfg.shares,
                 );
-                if std::env::var_os("SIM_TRACE").is_some() && client == 0 {
-                    eprintln!(
-                        "t={:.3} p{} hits={} grant={:.4} peers={:?}",
-                        (now as f64 - T0 as f64) / 1e9,
-                        r.proxy,
-                        admitted + rejected,
-                        a.grant as f64 / 1e9,
-                        peers
-                            .iter()
-                            .map(|q| (q.proxy, q.demand as f64 / 1e9, q.grant as f64 / 1e9))
-                            .collect::<Vec<_>>()
-                    );
-                }
                 (client, a.grant, a.pending(), admitted)
             })
             .collect();
@@ -563,18 +537,12 @@ fn apply_answer(cfg: &Config, px: &mut Proxy, a: &Answer, now: u64) {
     px.in_flight = false;
     px.sync.last_ok_sent_ns = Some(a.sent_ns);
     px.sync.n_live = a.n_live.max(1);
-    let floor = SHARE_ONE / px.sync.n_live;
+    let floor = scale_floor(SHARE_ONE / px.sync.n_live, cfg.floor_scale);
     let limits = [cfg.limit];
     let expiry = a.sent_ns + cfg.shares.lease_ms * 1_000_000;
     for &(client, grant, pending, reported) in &a.grants {
-        if client == 0 {
-            px.share_integral += px.share0 as f64 / 1e9 * (now - px.share0_since) as f64 / 1e9
-                * cfg.limit.max as f64
-                / cfg.limit.window_secs as f64;
-            px.share0 = grant;
-            px.share0_since = now;
-        }
-        (px.tracked).update(0, u64::from(client), &[grant], pending, &cfg.tracked);
+        let quiet = cfg.tracked.quiet(px.sync.n_live);
+        (px.tracked).update(0, u64::from(client), &[grant], pending, quiet, &cfg.tracked);
         let Some(entry) = px.table.get_mut(&client) else {
             continue;
         };

@@ -225,23 +225,25 @@ fn tracked_keys_follow_their_grants_and_hand_back_unused_shares() {
         capacity: 2,
         ..TrackedParams::default()
     };
+    assert_eq!(tp.quiet(3), SHARE_ONE / 30);
+    assert_eq!(tp.quiet(0), SHARE_ONE / 10, "n unknown counts as 1");
     let mut tracked = TrackedKeys::default();
-    tracked.update(0, 1, &[HALF], false, &tp);
-    tracked.update(0, 2, &[tp.quiet], false, &tp);
+    tracked.update(0, 1, &[HALF], false, tp.quiet(3), &tp);
+    tracked.update(0, 2, &[tp.quiet(3)], false, tp.quiet(3), &tp);
     let keys = |t: &TrackedKeys| t.iter().collect::<Vec<_>>();
     assert_eq!(
         keys(&tracked),
         vec![(0, 1, false)],
         "quiet shares are not tracked"
     );
-    tracked.update(0, 3, &[tp.quiet, HALF], false, &tp);
-    tracked.update(0, 4, &[HALF], false, &tp);
+    tracked.update(0, 3, &[tp.quiet(3), HALF], false, tp.quiet(3), &tp);
+    tracked.update(0, 4, &[HALF], false, tp.quiet(3), &tp);
     assert_eq!((tracked.len(), tracked.dropped), (2, 1));
-    tracked.update(0, 1, &[0], false, &tp);
+    tracked.update(0, 1, &[0], false, tp.quiet(3), &tp);
     // A grant of 0 below its target is tracked, as pending, until it is not.
-    tracked.update(0, 5, &[0], true, &tp);
+    tracked.update(0, 5, &[0], true, tp.quiet(3), &tp);
     assert_eq!(keys(&tracked), vec![(0, 3, false), (0, 5, true)]);
-    tracked.update(0, 5, &[0], false, &tp);
+    tracked.update(0, 5, &[0], false, tp.quiet(3), &tp);
     assert_eq!(keys(&tracked), vec![(0, 3, false)]);
 
     let now = 100 * S;

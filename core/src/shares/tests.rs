@@ -8,10 +8,8 @@ const P: ShareParams = ShareParams {
     max_peers: 256,
     smoothing: Smoothing {
         keep: 1,
-        jump_sigmas: 0,
-        fast_down: true,
+        jump_sigmas: 3,
     },
-    hold_permille: 0,
     headroom_sigmas: 0,
 };
 
@@ -238,4 +236,88 @@ fn bounded_peers_and_garbage_inputs() {
     assert!(g <= SHARE_ONE);
     assert_eq!(observed_demand(u64::MAX, 1, u64::MAX, 1), DEMAND_CAP);
     assert_eq!(peers.len(), 2, "a clock going backwards keeps the records");
+}
+
+#[test]
+fn noise_is_averaged_and_real_changes_jump() {
+    let sm = Smoothing {
+        keep: 3,
+        jump_sigmas: 3,
+    };
+    let one = u64::from(SHARE_ONE);
+    // 12 expected, 6 seen: within 3σ (√12 ≈ 3.5), a quarter of the way.
+    assert_eq!(sm.next(one, one / 2, 6, 12), (3 * one + one / 2) / 4);
+    // 100 expected, 10 seen: the demand moved away, follow at once.
+    assert_eq!(sm.next(one, one / 10, 10, 100), one / 10);
+    // A quiet key that saw nothing this interval is noise, not a collapse.
+    assert_eq!(sm.next(one / 100, 0, 0, 1), one / 100 * 3 / 4);
+    assert_eq!(expected_hits(one / 10, 1000, 1000, 2000), 200);
+}
+
+#[test]
+fn spare_capacity_gives_noise_headroom_and_contention_gives_none() {
+    let p = ShareParams {
+        headroom_sigmas: 1,
+        ..P
+    };
+    let mut peers = Vec::new();
+    // 20 % of a 1000/s limit seen over 1 s: 200 ± 14 per interval, so headroom
+    // √(0.2/1000) ≈ 1.4 % of the limit on top of its want.
+    let g = allocate(&mut peers, &0, &rate(0.2), 0, live, &p);
+    let want = 0.2 * 1.02 + 0.00001;
+    assert!(
+        (frac(g) - want - (0.2f64 / 1000.0).sqrt()).abs() < 1e-4,
+        "{g}"
+    );
+    assert_eq!(headroom(u64::from(SHARE_ONE) / 5, 1000, &p), 14_142_135);
+    // Contended (everyone over the limit): no headroom, exact thirds.
+    let mut peers = Vec::new();
+    let g = (0..3u64).map(|r| {
+        (0..3u32)
+            .map(|i| {
+                allocate(
+                    &mut peers,
+                    &i,
+                    &rate(2.0),
+                    r * 1000 + u64::from(i),
+                    live,
+                    &p,
+                )
+            })
+            .last()
+    });
+    assert!(g.last().flatten() == Some(SHARE_ONE / 3));
+    // Headroom only comes out of what is free: many small peers share the rest.
+    let mut peers = Vec::new();
+    for round in 0..3 {
+        for i in 0..20u32 {
+            allocate(
+                &mut peers,
+                &i,
+                &rate(0.049),
+                round * 1000 + u64::from(i),
+                live,
+                &p,
+            );
+        }
+    }
+    assert!(sum(&peers) <= u64::from(SHARE_ONE));
+    assert!(
+        sum(&peers) > u64::from(SHARE_ONE) * 99 / 100,
+        "the spare part is handed out"
+    );
+}
+
+#[test]
+fn a_capped_grant_is_pending_and_a_release_frees_the_share() {
+    let mut peers = Vec::new();
+    rounds(&mut peers, &[3.0], 0, 3);
+    let a = allocate_detailed(&mut peers, &1, &rate(3.0), 3000, live, &P);
+    assert_eq!(a.grant, 0);
+    assert_eq!(a.target, SHARE_ONE / 2);
+    assert!(a.pending());
+    // Proxy 0 evicted the key: its record goes at once, not at the end of the lease.
+    release(&mut peers, &0);
+    let a = allocate_detailed(&mut peers, &1, &rate(3.0), 3500, live, &P);
+    assert_eq!((a.grant, a.pending()), (SHARE_ONE, false));
 }
