@@ -5,3 +5,6 @@
 pub mod rng;
 pub mod scenario;
 pub mod world;
+
+#[cfg(test)]
+mod tests;
