@@ -109,7 +109,7 @@ impl Default for ShareParams {
     /// The values the simulation chose (see `docs/global-limits.md`).
     fn default() -> Self {
         ShareParams {
-            margin_ppm: 20_000,
+            margin_ppm: 10_000,
             epsilon: 10_000,
             lease_ms: 600_000,
             max_peers: 256,

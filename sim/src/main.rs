@@ -4,6 +4,7 @@
 
 use meshlimit_core::shares::Smoothing;
 use meshlimit_sim::scenario::{self, Scenario, S};
+use meshlimit_sim::world::Clients;
 
 fn header() {
     println!(
@@ -31,13 +32,17 @@ fn row(s: &Scenario) {
         let (lo, hi) = b.range();
         format!("{lo:.0}..+{hi:.0}")
     });
+    let limited = match l.ideal {
+        0 => "—".to_string(),
+        ideal => format!("{:.4}", l.admitted as f64 / ideal as f64),
+    };
     println!(
-        "| {:<44} | {:>8} | {:>8} | {:>6.4} | {:>7.4} | {:>14} | {:>20} | {:>9.5} |",
+        "| {:<44} | {:>8} | {:>8} | {:>6.4} | {:>7} | {:>14} | {:>20} | {:>9.5} |",
         s.name,
         o.admitted,
         o.ideal,
         o.accuracy(),
-        l.admitted as f64 / l.ideal.max(1) as f64,
+        limited,
         bound,
         format!("{mean:.1} / {p99} / {max}"),
         o.callouts_per_admitted(),
@@ -94,6 +99,7 @@ fn tune() {
     let knobs: Vec<Knob> = vec![
         ("shipped defaults", |_| {}),
         ("margin 0", |s| s.cfg.shares.margin_ppm = 0),
+        ("margin 2 %", |s| s.cfg.shares.margin_ppm = 20_000),
         ("margin 5 %", |s| s.cfg.shares.margin_ppm = 50_000),
         ("no smoothing", |s| {
             s.cfg.shares.smoothing = Smoothing {
@@ -139,19 +145,16 @@ fn tune() {
             scenario::skewed(2.5),
             scenario::shift(),
             scenario::leave(),
+            scenario::uniform_n(3, 0.9),
             scenario::zipf(3, 20_000, 10_000.0, 30),
             scenario::hot_and_quiet(3, 10_000, 10),
         ]
     };
     print!("| {:<24} |", "variation");
     for s in set() {
-        print!(" {:<22} |", s.name.chars().take(22).collect::<String>());
+        print!(" {} |", s.name);
     }
-    println!(
-        "\n|{:-<26}|{}",
-        "",
-        "-----------------------:|".repeat(set().len())
-    );
+    println!("\n|{:-<26}|{}", "", "---:|".repeat(set().len()));
     for (name, knob) in knobs {
         print!("| {name:<24} |");
         for mut s in set() {
@@ -163,7 +166,10 @@ fn tune() {
                 acc += o.accuracy() / 3.0;
                 size += o.report_stats(s.steady_from_ns).0 / 3.0;
             }
-            print!(" {acc:.4} / {size:>6.1} entries |");
+            match s.clients {
+                Clients::One => print!(" {acc:.4} |"),
+                _ => print!(" {acc:.4} / {size:.1} |"),
+            }
         }
         println!();
     }
