@@ -3,7 +3,7 @@
 //! search, `--timeline` for admitted − ideal second by second).
 
 use meshlimit_core::shares::Smoothing;
-use meshlimit_sim::scenario::{self, Scenario, S};
+use meshlimit_sim::scenario::{self, Scenario};
 use meshlimit_sim::world::Clients;
 
 fn header() {
@@ -192,7 +192,6 @@ fn main() {
             }
         }
         _ => {
-            let _ = S;
             header();
             for s in scenarios() {
                 row(&s);

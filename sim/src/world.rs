@@ -1,8 +1,8 @@
-//! The simulated world: proxies running the filter's global-scope logic from
-//! `meshlimit-core` (share choice, bucket at a share, report triggers, candidate and
-//! tracked sets, grant application, the entry trailer's encoding), one companion
-//! running `core::shares` per key, and ONE exact GCRA on the merged traffic as the
-//! yardstick. Time is simulated, in integer nanoseconds; every random draw comes from
+//! The simulated world's event loop: proxies running the filter's global-scope logic
+//! from `meshlimit-core` ([`crate::proxy`]: share choice, bucket at a share, report
+//! triggers, candidate and tracked sets, grant application, the entry trailer's
+//! encoding), one companion running `core::shares` per key ([`crate::companion`]),
+//! and ONE exact GCRA on the merged traffic as the yardstick. Time is simulated, in integer nanoseconds; every random draw comes from
 //! the scenario's seed, so a run is the same on every machine.
 //!
 //! Simplifications (said in `docs/global-limits.md`): a proxy is one table and one
@@ -10,17 +10,18 @@
 //! caps); tables do not evict; the network delay is constant and nothing is lost.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 
 use meshlimit_core::config::Limit;
-use meshlimit_core::gcra::{self, SHARE_ONE};
-use meshlimit_core::global::{self, FailureMode, KeyState, SyncView};
-use meshlimit_core::report::{self, CandidateSet, TrackedKeys, TrackedParams, TriggerParams};
-use meshlimit_core::shares::{self, Peer, ShareParams};
+use meshlimit_core::gcra;
+use meshlimit_core::global::SyncView;
+use meshlimit_core::report::{CandidateSet, TrackedKeys, TrackedParams, TriggerParams};
+use meshlimit_core::shares::ShareParams;
 
+use crate::companion::Companion;
+use crate::proxy::{apply_answer, build_report, request, Answer, Proxy, SentReport};
 use crate::rng::{Rng, Zipf};
 
-const TRAILER: usize = global::trailer_len(1);
 /// Simulated traffic starts here (a zero `tat` is a full bucket).
 pub const T0: u64 = 1_000_000_000_000;
 /// The proxies of the first phase start (and sync) this long before the traffic.
@@ -153,49 +154,6 @@ impl Outcome {
     }
 }
 
-struct Entry {
-    tats: [u64; 1],
-    trailer: [u8; TRAILER],
-}
-
-impl Entry {
-    fn state(&self) -> KeyState {
-        KeyState::decode(&self.trailer, 1).expect("the sim writes valid trailers")
-    }
-}
-
-struct Proxy {
-    running: bool,
-    /// Bumped when the arrival rate changes: older arrival events are stale.
-    arrivals: u32,
-    /// Bumped when the proxy starts or dies: older ticks and answers are stale.
-    life: u32,
-    rate: f64,
-    table: HashMap<u32, Entry>,
-    sync: SyncView,
-    candidates: CandidateSet,
-    tracked: TrackedKeys,
-    in_flight: bool,
-    ticks: u64,
-}
-
-struct SentReport {
-    proxy: u16,
-    life: u32,
-    sent_ns: u64,
-    /// (client, admitted reported, rejected reported, span in ms they cover)
-    entries: Vec<(u32, u32, u32, u32)>,
-}
-
-struct Answer {
-    proxy: u16,
-    life: u32,
-    sent_ns: u64,
-    n_live: u32,
-    /// (client, grant, pending, admitted reported)
-    grants: Vec<(u32, u32, bool, u32)>,
-}
-
 enum Ev {
     Boot,
     Phase(usize),
@@ -242,12 +200,6 @@ impl Queue {
     }
 }
 
-struct Companion {
-    records: HashMap<u32, Vec<Peer<u16>>>,
-    last_seen: Vec<Option<u64>>,
-}
-
-/// Runs one scenario.
 pub fn run(cfg: &Config, phases: &[Phase], clients: &Clients) -> Outcome {
     let n = phases[0].rates.len();
     let mut rng = Rng::new(cfg.seed);
@@ -409,156 +361,4 @@ pub fn run(cfg: &Config, phases: &[Phase], clients: &Clients) -> Outcome {
         out.dropped_tracked += px.tracked.dropped;
     }
     out
-}
-
-fn scale_floor(floor: u32, scale: u32) -> u32 {
-    (u64::from(floor) * u64::from(scale)).min(u64::from(SHARE_ONE)) as u32
-}
-
-/// One request of `client` at proxy `px`: the filter's request path for a global key.
-fn request(cfg: &Config, px: &mut Proxy, client: u32, now: u64) -> bool {
-    let limits = [cfg.limit];
-    let sync = px.sync;
-    let choose = |state: &KeyState| {
-        global::choose_share(state, &sync, FailureMode::Local, cfg.fallback_share, now)
-    };
-    let entry = px.table.entry(client).or_insert_with(|| {
-        // A new entry is full at the share it is about to run at.
-        let mut trailer = [0u8; TRAILER];
-        let share = choose(&KeyState::new(0, now)).share().unwrap_or(0);
-        KeyState::new(share, now).encode(1, &mut trailer);
-        Entry { tats: [0], trailer }
-    });
-    let mut state = entry.state();
-    let source = choose(&state);
-    let floor = scale_floor(global::burst_floor(&px.sync, source), cfg.floor_scale);
-    let admission = global::admit(&limits, &mut entry.tats, &mut state, source, floor, now, 1);
-    let allowed = match admission {
-        global::Admission::Bucket(d) => {
-            if d.changed {
-                state.encode(1, &mut entry.trailer);
-            }
-            d.allowed
-        }
-        global::Admission::Open => true,
-        global::Admission::Closed => false,
-    };
-    let why = report::reasons(
-        &limits,
-        &entry.tats,
-        &state,
-        source,
-        admission,
-        floor,
-        now,
-        &cfg.trigger,
-    );
-    px.candidates
-        .add(0, u64::from(client), why, u32::from(!allowed));
-    allowed
-}
-
-/// The leader's report: the candidates, plus tracked keys that are due.
-fn build_report(cfg: &Config, px: &mut Proxy, p: u16, now: u64) -> SentReport {
-    let mut keys: Vec<(u32, u32)> = Vec::new();
-    (px.candidates).drain(|c| keys.push((c.fingerprint as u32, c.rejected)));
-    let listed: HashSet<u32> = keys.iter().map(|k| k.0).collect();
-    for (_, fp, pending) in px.tracked.iter() {
-        let client = fp as u32;
-        if listed.contains(&client) {
-            continue;
-        }
-        let state = px.table.get(&client).map(Entry::state);
-        if (pending && cfg.report_pending) || report::tracked_due(state.as_ref(), now) {
-            keys.push((client, 0));
-        }
-    }
-    let entries = keys
-        .into_iter()
-        .map(|(client, rejected)| {
-            let state = px.table.get(&client).map(Entry::state);
-            let admitted = state.map_or(0, |s| s.admitted);
-            let span = state.map_or(1, |s| s.span_ms(now));
-            (client, admitted, rejected, span)
-        })
-        .collect();
-    SentReport {
-        proxy: p,
-        life: px.life,
-        sent_ns: now,
-        entries,
-    }
-}
-
-impl Companion {
-    fn handle(&mut self, cfg: &Config, r: &SentReport, now: u64) -> Answer {
-        let now_ms = now / 1_000_000;
-        self.last_seen[r.proxy as usize] = Some(now);
-        let ttl = 3 * cfg.interval_ns;
-        let seen = &self.last_seen;
-        let is_live = |q: &u16| seen[*q as usize].is_some_and(|t| now < t + ttl);
-        let n_live = (0..seen.len() as u16).filter(|q| is_live(q)).count() as u32;
-        let limit = cfg.limit;
-        let grants = r
-            .entries
-            .iter()
-            .map(|&(client, admitted, rejected, span_ms)| {
-                let report = shares::Report {
-                    hits: u64::from(admitted) + u64::from(rejected),
-                    max: limit.max,
-                    window_ms: limit.window_secs * 1000,
-                    first_span_ms: u64::from(span_ms),
-                    interval_ms: cfg.interval_ns / 1_000_000,
-                };
-                let peers = self.records.entry(client).or_default();
-                let a = shares::allocate_detailed(
-                    peers,
-                    &r.proxy,
-                    &report,
-                    now_ms,
-                    is_live,
-                    &cfg.shares,
-                );
-                (client, a.grant, a.pending(), admitted)
-            })
-            .collect();
-        Answer {
-            proxy: r.proxy,
-            life: r.life,
-            sent_ns: r.sent_ns,
-            n_live,
-            grants,
-        }
-    }
-}
-
-/// The leader applies an answer: proxy-level state, then each key's grant.
-fn apply_answer(cfg: &Config, px: &mut Proxy, a: &Answer, now: u64) {
-    px.in_flight = false;
-    px.sync.last_ok_sent_ns = Some(a.sent_ns);
-    px.sync.n_live = a.n_live.max(1);
-    let floor = scale_floor(SHARE_ONE / px.sync.n_live, cfg.floor_scale);
-    let limits = [cfg.limit];
-    let expiry = a.sent_ns + cfg.shares.lease_ms * 1_000_000;
-    for &(client, grant, pending, reported) in &a.grants {
-        let quiet = cfg.tracked.quiet(px.sync.n_live);
-        (px.tracked).update(0, u64::from(client), &[grant], pending, quiet, &cfg.tracked);
-        let Some(entry) = px.table.get_mut(&client) else {
-            continue;
-        };
-        let mut state = entry.state();
-        let sent_ms = report::clock_ms(a.sent_ns);
-        global::apply_grant(
-            &limits,
-            &mut entry.tats,
-            &mut state,
-            &[grant],
-            expiry,
-            reported,
-            sent_ms,
-            floor,
-            now,
-        );
-        state.encode(1, &mut entry.trailer);
-    }
 }
