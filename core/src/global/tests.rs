@@ -282,3 +282,43 @@ fn the_admitted_count_saturates() {
     );
     assert_eq!(state.admitted, u32::MAX);
 }
+
+#[test]
+fn several_limits_are_all_or_nothing_at_a_share() {
+    // 10/s burst 10 and 20/min burst 20, at a half share (floor 1/2): 5 and 10 tokens.
+    let l = [
+        Limit::new(1, 10, 10).unwrap(),
+        Limit::new(60, 20, 20).unwrap(),
+    ];
+    let half = SHARE_ONE / 2;
+    let now = 100 * S;
+    let mut tats = [0, 0];
+    let mut state = KeyState::new(half, now);
+    let src = ShareSource::NewKey(half);
+    let ok = |a| matches!(a, Admission::Bucket(d) if d.allowed);
+    let admitted = (0..20)
+        .filter(|_| ok(admit(&l, &mut tats, &mut state, src, half, now, 1)))
+        .count();
+    assert_eq!(admitted, 5, "the per-second limit at half share");
+    // Ten seconds later the second limit (10 tokens at half share) is the one left.
+    let later = now + 10 * S;
+    let admitted = (0..20)
+        .filter(|_| ok(admit(&l, &mut tats, &mut state, src, half, later, 1)))
+        .count();
+    assert_eq!(
+        admitted, 5,
+        "the per-minute limit's remaining half-share tokens"
+    );
+    let before = (tats, state);
+    let a = admit(&l, &mut tats, &mut state, src, half, later, 1);
+    assert!(matches!(a, Admission::Bucket(d) if !d.allowed && d.tightest == 1));
+    assert_eq!((tats, state), before, "a refusal charges neither limit");
+    let mut buf = [0u8; trailer_len(2)];
+    state.encode(2, &mut buf);
+    let back = KeyState::decode(&buf, 2).unwrap();
+    assert_eq!(back.shares[..2], state.shares[..2]);
+    assert_eq!(
+        (back.expiry_ns, back.admitted, back.reported_ms),
+        (0, 10, state.reported_ms)
+    );
+}

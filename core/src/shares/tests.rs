@@ -95,6 +95,8 @@ fn grants_never_sum_above_one_under_random_reports() {
     let p = ShareParams {
         lease_ms: 3_000,
         max_peers: 10,
+        headroom_sigmas: 1,
+        smoothing: ShareParams::default().smoothing,
         ..P
     };
     for step in 0..100_000 {
