@@ -65,6 +65,12 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 fn scale() {
+    // The bound's dependence on the sync interval and the round trip.
+    for (i, d) in [(250, 1), (1000, 1), (1000, 50), (4000, 1)] {
+        for s in [scenario::shift(), scenario::leave()] {
+            row(&scenario::with_timing(s, i * 1_000_000, d * 1_000_000));
+        }
+    }
     for (n, clients, rate) in [
         (3, 10_000, 10_000.0),
         (10, 10_000, 10_000.0),

@@ -249,3 +249,21 @@ impl Bound {
         lo <= err && err <= hi
     }
 }
+
+/// `s` with sync interval `interval_ns` and one-way delay `one_way_ns`, its bound
+/// recomputed.
+pub fn with_timing(mut s: Scenario, interval_ns: u64, one_way_ns: u64) -> Scenario {
+    s.cfg.interval_ns = interval_ns;
+    s.cfg.trigger = meshlimit_core::report::TriggerParams::for_interval(interval_ns);
+    s.cfg.one_way_ns = one_way_ns;
+    if let Some(b) = &mut s.bound {
+        b.interval = interval_ns as f64 / 1e9;
+        b.rtt = 2.0 * one_way_ns as f64 / 1e9;
+    }
+    s.name += &format!(
+        ", I={}ms, RTT={}ms",
+        interval_ns / 1_000_000,
+        2 * one_way_ns / 1_000_000
+    );
+    s
+}

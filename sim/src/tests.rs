@@ -64,6 +64,15 @@ fn a_proxy_dies() {
 }
 
 #[test]
+fn the_bound_follows_the_sync_interval_and_the_round_trip() {
+    for (interval_ms, one_way_ms) in [(250, 1), (1000, 50), (4000, 1)] {
+        let (i, d) = (interval_ms * 1_000_000, one_way_ms * 1_000_000);
+        within_bound(scenario::with_timing(scenario::shift(), i, d));
+        within_bound(scenario::with_timing(scenario::leave(), i, d));
+    }
+}
+
+#[test]
 fn steady_state_after_the_onset_is_exact_within_margins() {
     // Past the first seconds, a skewed key loses only the small proxies' margins and
     // noise: the slope of admitted − ideal over the last 40 s.
