@@ -12,6 +12,9 @@
 //! So one `u64` per limit, integer math in nanoseconds, no floats, and "refill" is just
 //! time passing. Several limits of one rule are checked all-or-nothing: a request takes
 //! a token from every limit only if every limit has one.
+//!
+//! Global scope runs the same bucket at this proxy's share `w` of the limit
+//! ([`weighted`], [`check_weighted`]): rate `w·r`, capacity `max(w, 1/n)·burst`.
 
 use crate::config::Limit;
 
@@ -102,5 +105,107 @@ pub fn is_idle(tats: &[u64], now: u64) -> bool {
     tats.iter().all(|&t| t <= now)
 }
 
+/// A share of a limit in parts per billion: `SHARE_ONE` is the whole limit. Shares are
+/// integers so that table entries stay integer-only, like the timestamps.
+pub const SHARE_ONE: u32 = 1_000_000_000;
+
+/// The bucket a proxy runs for its share `share` of `limit` (global scope), as a
+/// [`Limit`] that [`check`] understands:
+///
+/// - rate `share · max / window`: interval `T_w = T / share`;
+/// - capacity `c_w = max(share, floor) · burst` tokens, at least one: depth
+///   `τ_w = c_w · T_w = τ · max(share, floor) / share`, and `τ_w ≥ T_w`.
+///
+/// `floor` is the *burst floor*, `1/n` of the live proxies: a key that is quiet on this
+/// proxy (small demand-following share) can still take `burst / n` at once. For
+/// `share ≥ floor` the depth is exactly `τ`, whatever the share, so a stored `tat`
+/// keeps the bucket's fill fraction when the share changes; below the floor use
+/// [`rescale`]. Returns `None` for share 0: nothing is admitted.
+pub fn weighted(limit: &Limit, share: u32, floor: u32) -> Option<Limit> {
+    let share = share.min(SHARE_ONE);
+    if share == 0 {
+        return None;
+    }
+    let cap = share.max(floor.min(SHARE_ONE));
+    let interval_ns = mul_div(limit.interval_ns, SHARE_ONE, share);
+    let depth_ns = mul_div(limit.depth_ns, cap, share).max(interval_ns);
+    Some(Limit {
+        interval_ns,
+        depth_ns,
+        ..*limit
+    })
+}
+
+/// `a · b / c`, saturating at `u64::MAX` (c > 0).
+fn mul_div(a: u64, b: u32, c: u32) -> u64 {
+    let v = u128::from(a) * u128::from(b) / u128::from(c);
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+/// [`check`] against each limit at its share (`shares[i]` for `limits[i]`, burst floor
+/// `floor`; see [`weighted`]). A share of 0 refuses without touching `tats`, with
+/// `retry_after_ns = u64::MAX` ("when a share arrives": the caller bounds it by its
+/// sync interval).
+pub fn check_weighted(
+    limits: &[Limit],
+    shares: &[u32],
+    floor: u32,
+    tats: &mut [u64],
+    now: u64,
+    hits: u64,
+) -> Decision {
+    debug_assert_eq!(limits.len(), shares.len());
+    let mut at_share = [limits[0]; crate::config::MAX_LIMITS_PER_RULE];
+    for (i, (limit, &share)) in limits.iter().zip(shares).enumerate() {
+        match weighted(limit, share, floor) {
+            Some(l) => at_share[i] = l,
+            None => {
+                return Decision {
+                    allowed: false,
+                    tightest: i,
+                    remaining: 0,
+                    reset_ns: 0,
+                    retry_after_ns: u64::MAX,
+                    changed: false,
+                }
+            }
+        }
+    }
+    check(&at_share[..limits.len()], tats, now, hits)
+}
+
+/// Depth in time of `limit`'s bucket at `share` (the scale its `tat` is measured in);
+/// share 0 has no bucket and reports the unweighted depth `τ`.
+pub fn depth_at(limit: &Limit, share: u32, floor: u32) -> u64 {
+    weighted(limit, share, floor).map_or(limit.depth_ns, |l| l.depth_ns)
+}
+
+/// The `tat` that gives the bucket at share `to` the fill fraction the bucket at share
+/// `from` has at `now` (shares with their burst floors). The time until the bucket is
+/// full, `tat − now`, scales with the depth; a full bucket stays full. Only needed when
+/// a share is below its floor, or under one token: otherwise depths are equal and `tat`
+/// is returned as it is.
+///
+/// Share 0 admits nothing, but the clock keeps running on its `tat`: a bucket leaving
+/// share 0 therefore starts **empty** at its new share, or a proxy whose share dips to
+/// 0 between two grants would find a free, full bucket each time.
+pub fn rescale(limit: &Limit, tat: u64, now: u64, from: (u32, u32), to: (u32, u32)) -> u64 {
+    let depth_to = depth_at(limit, to.0, to.1);
+    match (from.0, to.0) {
+        (_, 0) => return tat,
+        (0, _) => return now.saturating_add(depth_to),
+        _ => {}
+    }
+    let depth_from = depth_at(limit, from.0, from.1);
+    if depth_from == depth_to || tat <= now {
+        return tat;
+    }
+    let until_full = (tat - now).min(depth_from);
+    let scaled = u128::from(until_full) * u128::from(depth_to) / u128::from(depth_from);
+    now.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX))
+}
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod weighted_tests;

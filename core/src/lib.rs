@@ -9,13 +9,20 @@
 //! - [`headers`]: `X-RateLimit-*`, IETF `RateLimit`/`RateLimit-Policy`, `Retry-After`, 429 body.
 //! - [`hash`]: a stable 64-bit hash for client ids (the same in every VM and process).
 //! - [`protocol`]: the filter ⇄ companion wire types (`/v1/sync`, `/rate-limit/check`).
+//! - Global scope (`docs/global-limits.md`): [`global`] (a key's share state in its
+//!   table entry, which share applies, admission at a share), [`report`] (which keys a
+//!   proxy reports, the bounded candidate and tracked sets), [`shares`] (the
+//!   companion's work-conserving share allocation).
 
 pub mod config;
 pub mod gcra;
+pub mod global;
 pub mod hash;
 pub mod headers;
 pub mod matching;
 pub mod protocol;
+pub mod report;
+pub mod shares;
 pub mod slots;
 
 /// The unit tests run natively with `cargo test` and, unchanged, inside wasm
