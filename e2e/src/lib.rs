@@ -16,10 +16,14 @@ use std::path::PathBuf;
 
 pub mod client;
 pub mod envoy;
+pub mod h2;
+pub mod lb;
 pub mod upstream;
 
 pub use client::{send_concurrent, send_raw, send_raw_bytes, Client, Request, Response};
-pub use envoy::{free_port, Envoy, EnvoyOptions};
+pub use envoy::{free_port, Envoy, EnvoyOptions, SHIPPED_PATH_OPTIONS};
+pub use h2::send_h2;
+pub use lb::LoadBalancer;
 pub use upstream::Upstream;
 
 /// The repository root (the workspace directory holding `e2e/`).
