@@ -29,11 +29,13 @@ pub const MAX_COUNT: u64 = 1_000_000_000;
 pub const MAX_WINDOW_SECS: u64 = 366 * 86_400;
 pub const DEFAULT_MAX_CLIENTS: u64 = 100_000;
 pub const MIN_MAX_CLIENTS: u64 = 16;
-/// The whole table is created before Envoy opens its listener, about 1.7 µs and 90 bytes
-/// of Envoy heap per set (`max_clients / 2` sets): measured with
-/// `cargo test -p meshlimit-e2e --release --test filter -- --ignored --nocapture start_up_cost`,
-/// 2,097,152 (1,048,576 sets) took 1.9 s and 101 MB; 16,777,216 took 16.8 s and 875 MB.
-pub const MAX_MAX_CLIENTS: u64 = 2_097_152;
+/// The whole table (`max_clients / 2` sets, a power of two) is created before Envoy
+/// opens its listener. Measured on this project's 2-core machines (README, "State"):
+/// about 1.5–3 µs and 93 bytes of Envoy heap per set; at this bound (524,288 sets)
+/// +0.75–1.9 s of start-up and 49 MB, at 2,097,152 (1,048,576 sets) +1.6–3.1 s and
+/// 98 MB. `cargo test -p meshlimit-e2e --release --test filter -- --ignored --nocapture
+/// start_up_cost` prints the figures.
+pub const MAX_MAX_CLIENTS: u64 = 1_048_576;
 /// At most this many rules apply to one request (each costs one shared-data get and at
 /// most one CAS): a configuration with more `continue` rules than this minus one is
 /// refused.
@@ -389,7 +391,7 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::new(
             "max_clients",
             format!(
-                "{max_clients} is out of range {MIN_MAX_CLIENTS}..={MAX_MAX_CLIENTS}: the table is created before Envoy opens its listener, about 1.7 µs and 90 bytes of heap per 2 clients (2097152 took 1.9 s and 101 MB; README, \"State\")"
+                "{max_clients} is out of range {MIN_MAX_CLIENTS}..={MAX_MAX_CLIENTS}: the whole table is created before Envoy opens its listener (measured at {MAX_MAX_CLIENTS}: +0.75-1.9 s of start-up and 49 MB of heap; README, \"State\")"
             ),
         ));
     }

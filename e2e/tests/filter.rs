@@ -408,7 +408,7 @@ fn a_bad_config_is_refused_with_one_line_naming_the_field() {
         // The table size is bounded by its start-up cost.
         (
             r#"{"rules":[],"max_clients":16777216}"#,
-            "configuration refused: max_clients: 16777216 is out of range 16..=2097152: the table is created before Envoy opens its listener",
+            "configuration refused: max_clients: 16777216 is out of range 16..=1048576: the whole table is created before Envoy opens its listener",
         ),
     ];
     for (config, line) in cases {
@@ -569,4 +569,40 @@ fn exact_per_client_when_many_clients_share_sets_under_contention() {
     assert_eq!(wait_stat(&envoy, "meshlimit_evicted_total", 0), 0);
     assert_eq!(envoy.stat("meshlimit_failed_open_total").unwrap_or(0), 0);
     assert_no_vm_failure(&envoy);
+}
+
+/// What `max_clients` costs before Envoy opens its listener: the whole table is created
+/// in `on_configure`. Prints start-up time (spawn to listener ready) and Envoy's heap
+/// per size, against the smallest table. A measurement, not a check of the machine's
+/// speed: run it with
+/// `cargo test -p meshlimit-e2e --release --test filter -- --ignored --nocapture start_up_cost`.
+#[test]
+#[ignore]
+fn start_up_cost_of_max_clients() {
+    let upstream = Upstream::start();
+    let rule = r#""rules":[{"id":"t","match":{"path":"/t"},"limits":[{"window":"1s","max":5}]}]"#;
+    let measure = |max_clients: u64| {
+        let started = std::time::Instant::now();
+        let envoy = Envoy::start(
+            &format!(r#"{{{rule},"max_clients":{max_clients}}}"#),
+            &upstream,
+        );
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(envoy.send(&key("/t", "x")).status, 200);
+        (secs, envoy.memory_allocated())
+    };
+    let sizes = [16u64, 100_000, 262_144, 1_048_576];
+    // Two rounds, interleaved, to see the noise.
+    for round in 0..2 {
+        let (base_s, base_heap) = measure(16);
+        for &n in &sizes[1..] {
+            let (s, heap) = measure(n);
+            eprintln!(
+                "round {round}: max_clients {n:>9} ({:>7} sets): start-up {s:.2} s (+{:.2} s over 16), heap +{:.1} MB",
+                meshlimit_core::slots::sets_for(n),
+                s - base_s,
+                heap.saturating_sub(base_heap) as f64 / 1e6
+            );
+        }
+    }
 }

@@ -128,6 +128,13 @@ fn the_escaped_slash_redirect_goes_to_the_counted_path() {
             .status
     };
     assert_eq!([follow(&mut c), follow(&mut c)], [200, 429]);
+    // What the shipped options make of the other spellings before the upstream sees
+    // them: the spelling the filter counts.
+    for spelling in ["/api\\auth\\login", "/%61pi/./auth//x/../login"] {
+        let r = c.send(&Request::post(spelling).header("x-api-key", spelling));
+        assert_eq!(r.status, 200, "{spelling}");
+        assert_eq!(r.json()["path"], "/api/auth/login", "{spelling}");
+    }
 }
 
 #[test]
