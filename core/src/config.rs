@@ -33,7 +33,7 @@ pub const MIN_MAX_CLIENTS: u64 = 16;
 /// opens its listener. Measured on this project's 2-core machines (README, "State"):
 /// about 1.5–3 µs and 93 bytes of Envoy heap per set; at this bound (524,288 sets)
 /// +0.75–1.9 s of start-up and 49 MB, at 2,097,152 (1,048,576 sets) +1.6–3.1 s and
-/// 98 MB. `cargo test -p meshlimit-e2e --release --test filter -- --ignored --nocapture
+/// 98 MB, at 16,777,216 +15.8 s and 779 MB. `cargo test -p meshlimit-e2e --release --test filter -- --ignored --nocapture
 /// start_up_cost` prints the figures.
 pub const MAX_MAX_CLIENTS: u64 = 1_048_576;
 /// At most this many rules apply to one request (each costs one shared-data get and at

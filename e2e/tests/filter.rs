@@ -405,6 +405,21 @@ fn a_bad_config_is_refused_with_one_line_naming_the_field() {
             r#"{"rules":[],"xff_hop":1}"#,
             "configuration refused: xff_hop: removed: the \"ip\" key source is the client address Envoy computed",
         ),
+        // At most 8 rules apply to one request.
+        (
+            &format!(
+                r#"{{"rules":[{}]}}"#,
+                (0..8)
+                    .map(|i| format!(r#"{{"id":"r{i}","match":{{"path":"/x"}},"limits":[{{"window":"1m","max":1}}],"continue":true}}"#))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            r#"configuration refused: rules[7].continue: 8 rules have "continue": at most 7 may"#,
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/x","methods":["POST","post"]},"limits":[{"window":"1m","max":1}]}]}"#,
+            r#"configuration refused: rules[0].match.methods[1]: duplicate method "post""#,
+        ),
         // The table size is bounded by its start-up cost.
         (
             r#"{"rules":[],"max_clients":16777216}"#,
