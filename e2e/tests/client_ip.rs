@@ -119,3 +119,21 @@ fn behind_a_load_balancer_without_trusted_hops_everyone_is_the_balancer() {
         "b shares a's bucket: the balancer's"
     );
 }
+
+#[test]
+fn trusted_hops_without_use_remote_address_still_trust_the_client() {
+    // xff_num_trusted_hops alone: Envoy takes the second entry from the right of the
+    // client's own header (README's table, last row), so the client still chooses.
+    let upstream = Upstream::start();
+    let envoy = Envoy::start_with(
+        EnvoyOptions::new(PER_IP)
+            .xff_num_trusted_hops(1)
+            .upstream(&upstream),
+    );
+    let mut c = Client::from_source(envoy.port, ip(2));
+    assert_eq!(forged(&mut c, 4, "hops only"), [200; 4]);
+    // With one entry only, the TCP peer.
+    let one = || Request::get("/login").header("x-forwarded-for", "203.0.113.50");
+    let s: Vec<u16> = (0..3).map(|_| c.send(&one()).status).collect();
+    assert_eq!(s, [200, 200, 429]);
+}
