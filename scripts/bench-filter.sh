@@ -15,7 +15,7 @@
 #           one client (x-api-key fixed)
 #   wasm-10k  the same rule, x-api-key rotating over 10,000 distinct clients
 #   wasm-floor  meshlimit with no rules: the filter is called on every request but does
-#           nothing (one host call). What any wasm filter costs in this Envoy, the floor
+#           nothing (no host call). What any wasm filter costs in this Envoy, the floor
 #           under wasm-1.
 #
 # Set-up: Envoy --concurrency 1 pinned to CPU 0, wrk (1 thread, $CONNECTIONS keep-alive

@@ -99,10 +99,11 @@ fi
 grep -F 'wasm log' "$RUN_DIR/envoy.log" | sed 's/^.*wasm log /  filter: /' | sort -u || true
 
 if [[ $CHECK == 1 ]]; then
-  say "POST /api/auth/login x 7 with x-api-key: demo (limit: 5 per minute)"
+  say "POST /api/auth/login x 7, each with a fresh x-api-key (limit: 5 per minute per client address)"
   codes=()
   for i in $(seq 7); do
-    headers="$(curl -s -o /dev/null -D - -X POST -H 'x-api-key: demo' \
+    # The login rule counts per address: rotating the key does not help.
+    headers="$(curl -s -o /dev/null -D - -X POST -H "x-api-key: demo-$i" \
       "http://127.0.0.1:$LISTEN_PORT/api/auth/login" | tr -d '\r')"
     code="$(head -n1 <<<"$headers" | awk '{print $2}')"
     codes+=("$code")
@@ -152,15 +153,16 @@ Companion service (in-memory store, no auth: loopback demo only): http://127.0.0
 
 Try it (another terminal):
 
-  # login is limited to 5 per minute per client: the 6th answer is 429
+  # login is limited to 5 per minute per client address (a fresh key each time does not
+  # help): the 6th answer is 429
   for i in \$(seq 12); do curl -s -o /dev/null -w '%{http_code}\n' \\
-    -H 'x-api-key: demo' localhost:$LISTEN_PORT/api/auth/login -X POST; done
+    -H "x-api-key: key-\$i" localhost:$LISTEN_PORT/api/auth/login -X POST; done
 
   # the rate-limit headers and the 429 body
   curl -i -X POST -H 'x-api-key: demo' localhost:$LISTEN_PORT/api/auth/login
 
-  # another client has its own budget
-  curl -i -X POST -H 'x-api-key: someone-else' localhost:$LISTEN_PORT/api/auth/login
+  # the API rule counts per x-api-key: another key has its own budget
+  curl -i -H 'x-api-key: someone-else' localhost:$LISTEN_PORT/api/items
 
   # metrics
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep ^meshlimit_

@@ -1,19 +1,24 @@
-//! Per request: find the rule, the client, take a token, answer 429 or let the request
-//! through and put the rate-limit headers on its response.
+//! Per request: put the path in normal form, find the rules that apply and their
+//! clients, take tokens, answer 429 (or 400 for a request no rule can be applied to) or
+//! let the request through and put the rate-limit headers on its response.
 //!
-//! Host calls on the request path, for a request that matches a rule keyed by
-//! `x-api-key` and is admitted: `:path`, `:method` (only if a rule matching the path
-//! names methods), the key header(s) until one is present (the `ip` source reads the
-//! `source.address` property), the clock, one shared-data get, one CAS set; then three
-//! `add` calls on the response for the `X-RateLimit-*` headers. A request no rule
-//! matches costs one host call (`:path`).
+//! Host calls on the request path, for a request that one rule keyed by `x-api-key`
+//! applies to and that is admitted: `:path`, `:method` (only if a rule matching the path
+//! names methods), the `request.headers.<name>` property of each key header until one is
+//! present (plus the header map's first value when that value holds a comma, to tell a
+//! repeated header from a comma inside one), `source.address` once if an `ip` source is
+//! reached, the clock, one shared-data get and one CAS set per rule charged; then one
+//! `add` per rate-limit header on the response (3 for `x-ratelimit`). A request no rule
+//! matches costs one host call (`:path`); with no rules at all, none.
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use meshlimit_core::config::HeaderMode;
 use meshlimit_core::gcra::Decision;
 use meshlimit_core::headers::{self, num, Num, RateLimitValue};
-use meshlimit_core::matching;
+use meshlimit_core::matching::{self, HeaderValue, Tally, Verdict};
+use meshlimit_core::path;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
@@ -24,7 +29,7 @@ use crate::root::Plugin;
 
 pub struct RateLimitHttp {
     plugin: Rc<Plugin>,
-    /// Set when a rule matched: what to put on the response.
+    /// Set when a rule applied: what to put on the response.
     outcome: Option<Outcome>,
 }
 
@@ -52,6 +57,23 @@ fn request_header(name: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// A key header, telling one from several. Envoy's header map answers only the first
+/// value of a repeated header, while the `request.headers.<name>` property joins every
+/// value with `,`; see `HeaderValue::from_joined`.
+fn key_header(name: &str) -> HeaderValue {
+    let joined = hostcalls::get_property(vec!["request", "headers", name])
+        .ok()
+        .flatten();
+    HeaderValue::from_joined(joined, || request_header(name))
+}
+
+/// The client address Envoy computed: the TCP peer, or the trusted `x-forwarded-for` hop
+/// under `use_remote_address` and `xff_num_trusted_hops` (README, "Security").
+fn client_ip() -> Option<Vec<u8>> {
+    let addr = hostcalls::get_property(vec!["source", "address"]).ok()??;
+    Some(matching::strip_port(&addr).to_vec())
+}
+
 fn now_ns() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -59,18 +81,15 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-impl RateLimitHttp {
-    fn client_ip(&self) -> Option<Vec<u8>> {
-        if let Some(hop) = self.plugin.config.xff_hop {
-            if let Some(xff) = request_header("x-forwarded-for") {
-                if let Some(ip) = matching::xff_hop(&xff, hop) {
-                    return Some(ip.to_vec());
-                }
-            }
-        }
-        let addr = hostcalls::get_property(vec!["source", "address"]).ok()??;
-        Some(matching::strip_port(&addr).to_vec())
-    }
+/// Answers 400 with a JSON body: the request has no path in normal form, or a key header
+/// came more than once.
+fn bad_request(body: &str) -> Action {
+    let _ = hostcalls::send_http_response(
+        400,
+        vec![("content-type", "application/json")],
+        Some(body.as_bytes()),
+    );
+    Action::Pause
 }
 
 impl Outcome {
@@ -121,47 +140,85 @@ impl Context for RateLimitHttp {}
 
 impl HttpContext for RateLimitHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let config = &self.plugin.config;
-        let Some(path) = request_header(":path") else {
+        let plugin = Rc::clone(&self.plugin);
+        let config = &plugin.config;
+        if config.rules.is_empty() {
+            return Action::Continue;
+        }
+        let Some(raw_path) = request_header(":path") else {
             return Action::Continue;
         };
-        let Some(rule_index) = matching::find_rule(
-            &config.rules,
-            &path,
-            || request_header(":method"),
-            request_header,
-        ) else {
-            return Action::Continue;
+        // Fetched at most once per request, whichever rules ask for them.
+        let mut ip: Option<Option<Vec<u8>>> = None;
+        let now = Cell::new(0u64);
+        let mut tally = Tally::default();
+        let verdict = path::with_normal(&raw_path, |path| {
+            let candidates = matching::matching_rules(
+                &config.rules,
+                path,
+                || request_header(":method"),
+                request_header,
+            );
+            matching::decide(
+                &config.rules,
+                candidates,
+                |rule| {
+                    matching::client_id(rule, key_header, || {
+                        ip.get_or_insert_with(client_ip).clone()
+                    })
+                },
+                |rule, fingerprint| {
+                    if now.get() == 0 {
+                        now.set(now_ns());
+                    }
+                    buckets::take(rule, fingerprint, config.sets, now.get())
+                },
+                &mut tally,
+            )
+        });
+        metrics::count_n(Counter::NoClientKey, tally.no_client_key);
+        metrics::count_n(Counter::ShadowRejected, tally.shadow_rejected);
+        let verdict = match verdict {
+            Ok(v) => v,
+            Err(_) => {
+                metrics::count(Counter::BadPath);
+                return bad_request(
+                    r#"{"error":"bad_request","reason":"path has no normal form: invalid percent-encoding or a control byte"}"#,
+                );
+            }
         };
-        let rule = &config.rules[rule_index];
-        // `client_ip` is only called when the rule's key sources reach `ip`.
-        let client = matching::client_id(rule, request_header, || self.client_ip());
-        let Some((source, id)) = client else {
-            metrics::count(Counter::NoClientKey);
-            return Action::Continue;
+        let applied = match verdict {
+            Verdict::Unlimited => return Action::Continue,
+            Verdict::RepeatedKeyHeader { .. } => {
+                metrics::count(Counter::RepeatedKeyHeader);
+                return bad_request(
+                    r#"{"error":"bad_request","reason":"a client key header was sent more than once"}"#,
+                );
+            }
+            Verdict::Allowed(a) => {
+                // A request only a shadow rule would have refused counts as that.
+                if tally.shadow_rejected == 0 {
+                    metrics::count(Counter::Allowed);
+                }
+                a
+            }
+            Verdict::Rejected(a) => a,
         };
-        let fingerprint = matching::fingerprint(rule, source, &id);
-        let now_ns = now_ns();
-        let decision = buckets::take(rule, fingerprint, config.sets, now_ns);
         let mut outcome = Outcome {
-            rule: rule_index,
-            decision,
-            now_ns,
+            rule: applied.rule,
+            decision: applied.decision,
+            now_ns: now.get(),
             replied: false,
         };
-        if decision.allowed {
-            metrics::count(Counter::Allowed);
-        } else if rule.shadow {
-            metrics::count(Counter::ShadowRejected);
-        } else {
+        if !applied.decision.allowed && !config.rules[applied.rule].shadow {
             metrics::count(Counter::Rejected);
-            let retry = headers::retry_after_secs(decision.retry_after_ns);
+            let rule = &config.rules[applied.rule];
+            let retry = headers::retry_after_secs(applied.decision.retry_after_ns);
             let retry_s = num(retry);
             let body = headers::rejection_body(&rule.id, retry);
             outcome.replied = true;
             // Set before replying: the local reply passes through on_http_response_headers.
             self.outcome = Some(outcome);
-            let plugin = Rc::clone(&self.plugin);
             let rl = outcome.headers(&plugin);
             let mut reply: Vec<(&str, &str)> = Vec::with_capacity(7);
             reply.push(("retry-after", retry_s.as_str()));

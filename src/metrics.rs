@@ -19,24 +19,36 @@ pub enum Counter {
     Evicted,
     /// The CAS loop gave up under contention and the request was let through.
     FailedOpen,
-    /// A request matched a rule but had none of its key sources.
+    /// A request matched a rule but had none of its key sources (the rule was passed
+    /// over).
     NoClientKey,
+    /// A path with no normal form (invalid percent-encoding, control byte): answered 400.
+    BadPath,
+    /// A client key header came more than once: answered 400.
+    RepeatedKeyHeader,
 }
 
-const COUNTERS: [(Counter, &str); 6] = [
+const N: usize = 8;
+
+const COUNTERS: [(Counter, &str); N] = [
     (Counter::Allowed, "meshlimit_allowed_total"),
     (Counter::Rejected, "meshlimit_rejected_total"),
     (Counter::ShadowRejected, "meshlimit_shadow_rejected_total"),
     (Counter::Evicted, "meshlimit_evicted_total"),
     (Counter::FailedOpen, "meshlimit_failed_open_total"),
     (Counter::NoClientKey, "meshlimit_no_client_key_total"),
+    (Counter::BadPath, "meshlimit_bad_path_total"),
+    (
+        Counter::RepeatedKeyHeader,
+        "meshlimit_repeated_key_header_total",
+    ),
 ];
 
 pub const CONFIG_ERRORS: &str = "meshlimit_config_errors_total";
 
 thread_local! {
-    static PENDING: [Cell<u64>; 6] = Default::default();
-    static IDS: Cell<Option<[u32; 6]>> = const { Cell::new(None) };
+    static PENDING: [Cell<u64>; N] = Default::default();
+    static IDS: Cell<Option<[u32; N]>> = const { Cell::new(None) };
 }
 
 /// Counts one event; no host call.
@@ -48,9 +60,20 @@ pub fn count(c: Counter) {
     });
 }
 
+/// Counts `n` events; no host call.
+#[inline]
+pub fn count_n(c: Counter, n: u32) {
+    if n > 0 {
+        PENDING.with(|p| {
+            let cell = &p[c as usize];
+            cell.set(cell.get() + u64::from(n));
+        });
+    }
+}
+
 /// Defines the counters in Envoy (idempotent: the same name gives the same metric).
 pub fn define() {
-    let mut ids = [0u32; 6];
+    let mut ids = [0u32; N];
     for (i, (_, name)) in COUNTERS.iter().enumerate() {
         match hostcalls::define_metric(MetricType::Counter, name) {
             Ok(id) => ids[i] = id,

@@ -2,9 +2,11 @@
 //! rules file of the companion service (same `rules` shape).
 //!
 //! Parsing is two steps. `serde` reads the JSON into `Raw*` structs that refuse unknown
-//! fields (with `serde_path_to_error` naming the field path), then [`compile`] checks every
-//! value and builds the runtime [`Config`]. Every refusal is one [`ConfigError`] whose
-//! `Display` is a single line `path: reason`, which is what the filter logs.
+//! fields, duplicate fields (also inside `match.headers`, where names equal after
+//! lower-casing are duplicates) and anything after the JSON document, with
+//! `serde_path_to_error` naming the field path; then [`compile`] checks every value and
+//! builds the runtime [`Config`]. Every refusal is one [`ConfigError`] whose `Display` is
+//! a single line `path: reason`, which is what the filter logs.
 
 use serde::Deserialize;
 use std::fmt;
@@ -27,9 +29,17 @@ pub const MAX_COUNT: u64 = 1_000_000_000;
 pub const MAX_WINDOW_SECS: u64 = 366 * 86_400;
 pub const DEFAULT_MAX_CLIENTS: u64 = 100_000;
 pub const MIN_MAX_CLIENTS: u64 = 16;
-pub const MAX_MAX_CLIENTS: u64 = 16_777_216;
-/// `x-forwarded-for` hops deeper than this are refused.
-pub const MAX_XFF_HOP: u32 = 16;
+/// The whole table (`max_clients / 2` sets, a power of two) is created before Envoy
+/// opens its listener. Measured on this project's 2-core machines (README, "State"):
+/// about 1.5–3 µs and 93 bytes of Envoy heap per set; at this bound (524,288 sets)
+/// +0.75–1.9 s of start-up and 49 MB, at 2,097,152 (1,048,576 sets) +1.6–3.1 s and
+/// 98 MB, at 16,777,216 +15.8 s and 779 MB. `cargo test -p meshlimit-e2e --release --test filter -- --ignored --nocapture
+/// start_up_cost` prints the figures.
+pub const MAX_MAX_CLIENTS: u64 = 1_048_576;
+/// At most this many rules apply to one request (each costs one shared-data get and at
+/// most one CAS): a configuration with more `continue` rules than this minus one is
+/// refused.
+pub const MAX_RULES_PER_REQUEST: usize = 8;
 
 /// One configuration refusal: the field path (`rules[1].limits[0].window`) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,8 +78,10 @@ struct RawConfig {
     rules: Vec<RawRule>,
     #[serde(default)]
     headers: Option<HeaderMode>,
+    /// Removed: the client address is the one Envoy computes (`source.address`); refused
+    /// with a message saying so.
     #[serde(default)]
-    xff_hop: Option<u32>,
+    xff_hop: Option<serde_json::Value>,
     #[serde(default)]
     max_clients: Option<u64>,
     /// Reserved for the companion service (global scope); see README.
@@ -95,6 +107,8 @@ struct RawRule {
     shadow: bool,
     #[serde(default)]
     scope: Option<Scope>,
+    #[serde(default, rename = "continue")]
+    continues: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,9 +116,48 @@ struct RawRule {
 struct RawMatch {
     path: String,
     #[serde(default)]
+    case_sensitive: Option<bool>,
+    #[serde(default)]
     methods: Option<Vec<String>>,
     #[serde(default)]
-    headers: Option<std::collections::BTreeMap<String, String>>,
+    headers: Option<HeaderMatches>,
+}
+
+/// `match.headers`: names to exact values, in file order. A JSON object may repeat a
+/// name (serde's maps keep the last one silently); here a repeated name, or two names
+/// equal after lower-casing (header names are case-insensitive), is refused.
+#[derive(Debug)]
+struct HeaderMatches(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for HeaderMatches {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Unique;
+        impl<'de> serde::de::Visitor<'de> for Unique {
+            type Value = HeaderMatches;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of header names to exact values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<HeaderMatches, A::Error> {
+                let mut out: Vec<(String, String)> = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if let Some((other, _)) =
+                        out.iter().find(|(o, _)| o.eq_ignore_ascii_case(&name))
+                    {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate header name {name:?} (also {other:?}; header names are case-insensitive)"
+                        )));
+                    }
+                    let value = map.next_value::<String>()?;
+                    out.push((name, value));
+                }
+                Ok(HeaderMatches(out))
+            }
+        }
+        d.deserialize_map(Unique)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,14 +216,21 @@ pub enum PathMatch {
 pub enum KeySource {
     /// `header:<name>`; the name is stored lower-cased.
     Header(String),
-    /// The downstream address (or the configured `x-forwarded-for` hop), port removed.
+    /// The client address Envoy computed for the request (`source.address`: the TCP peer,
+    /// or the trusted `x-forwarded-for` hop under `use_remote_address` and
+    /// `xff_num_trusted_hops`), port removed. See README, "Security".
     Ip,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Matcher {
+    /// In the normal form of [`crate::path`] (configured paths must already be in it).
     pub path: PathMatch,
-    /// Upper-cased; empty means any method.
+    /// `false`: the path compares ASCII case-insensitively, for upstreams that route
+    /// `/API/Login` to `/api/login`.
+    pub case_sensitive: bool,
+    /// Upper-cased; empty means any method. Requests compare case-insensitively, and a
+    /// rule listing `GET` also matches `HEAD`.
     pub methods: Vec<String>,
     /// Lower-cased names, exact values.
     pub headers: Vec<(String, String)>,
@@ -217,6 +277,10 @@ pub struct Rule {
     pub limits: Vec<Limit>,
     pub shadow: bool,
     pub scope: Scope,
+    /// `continue`: after this rule applies, the next matching rule applies too (a per-key
+    /// limit followed by a per-IP ceiling). Without it the first rule that applies is the
+    /// last.
+    pub continues: bool,
     /// Hash of the rule id and its limits. Seeds every client fingerprint of this rule,
     /// so changing a rule's limits starts its clients on fresh buckets instead of
     /// reading old timestamps with new intervals.
@@ -225,12 +289,10 @@ pub struct Rule {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Sorted by priority (higher first), then file order: the first match applies.
+    /// Sorted by priority (higher first), then file order. The first rule that matches
+    /// and finds its client key applies; if it has `continue`, so does the next one.
     pub rules: Vec<Rule>,
     pub headers: HeaderMode,
-    /// `None`: the client ip is the downstream address. `Some(n)`: the n-th address from
-    /// the right of `x-forwarded-for` (1 = the one the nearest proxy appended).
-    pub xff_hop: Option<u32>,
     /// Sets of bucket entries kept in shared data (a power of two); see [`crate::slots`].
     pub sets: u32,
 }
@@ -258,12 +320,20 @@ pub fn parse_rules(json: &[u8]) -> Result<Vec<Rule>, ConfigError> {
 
 fn from_json<T: for<'de> Deserialize<'de>>(json: &[u8]) -> Result<T, ConfigError> {
     let de = &mut serde_json::Deserializer::from_slice(json);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
         // serde_json appends " at line L column C"; keep it, it helps find the spot.
         ConfigError::new(path, e.into_inner().to_string())
-    })
+    })?;
+    // `{"rules":[]} {"rules":[...]}` must not start with the first document alone.
+    de.end().map_err(|e| {
+        ConfigError::new(
+            "",
+            format!("content after the JSON document ({e}): a configuration is one JSON object"),
+        )
+    })?;
+    Ok(value)
 }
 
 fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -285,6 +355,12 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("{} rules, at most {MAX_RULES} are allowed", raw.rules.len()),
         ));
     }
+    if raw.xff_hop.is_some() {
+        return Err(ConfigError::new(
+            "xff_hop",
+            "removed: the \"ip\" key source is the client address Envoy computed; set use_remote_address: true (and xff_num_trusted_hops: N behind N trusted proxies) on the listener instead (README, \"Security\")",
+        ));
+    }
     let mut rules = Vec::with_capacity(raw.rules.len());
     for (i, r) in raw.rules.into_iter().enumerate() {
         let rule = compile_rule(&format!("rules[{i}]"), r)?;
@@ -296,28 +372,32 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         rules.push(rule);
     }
+    let continuing = rules.iter().filter(|r| r.continues).count();
+    if continuing >= MAX_RULES_PER_REQUEST {
+        let last = rules.iter().rposition(|r| r.continues).unwrap_or(0);
+        return Err(ConfigError::new(
+            format!("rules[{last}].continue"),
+            format!(
+                "{continuing} rules have \"continue\": at most {} may, so that at most {MAX_RULES_PER_REQUEST} rules apply to one request",
+                MAX_RULES_PER_REQUEST - 1
+            ),
+        ));
+    }
     // Stable: equal priorities keep file order.
     rules.sort_by_key(|r| std::cmp::Reverse(r.priority));
 
-    if let Some(h) = raw.xff_hop {
-        if h == 0 || h > MAX_XFF_HOP {
-            return Err(ConfigError::new(
-                "xff_hop",
-                format!("{h} is out of range 1..={MAX_XFF_HOP}"),
-            ));
-        }
-    }
     let max_clients = raw.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS);
     if !(MIN_MAX_CLIENTS..=MAX_MAX_CLIENTS).contains(&max_clients) {
         return Err(ConfigError::new(
             "max_clients",
-            format!("{max_clients} is out of range {MIN_MAX_CLIENTS}..={MAX_MAX_CLIENTS}"),
+            format!(
+                "{max_clients} is out of range {MIN_MAX_CLIENTS}..={MAX_MAX_CLIENTS}: the whole table is created before Envoy opens its listener (measured at {MAX_MAX_CLIENTS}: +0.75-1.9 s of start-up and 49 MB of heap; README, \"State\")"
+            ),
         ));
     }
     Ok(Config {
         rules,
         headers: raw.headers.unwrap_or_default(),
-        xff_hop: raw.xff_hop,
         sets: crate::slots::sets_for(max_clients),
     })
 }
@@ -340,9 +420,16 @@ fn compile_rule(at: &str, r: RawRule) -> Result<Rule, ConfigError> {
                     format!("{} key sources, at most {MAX_KEY_SOURCES}", sources.len()),
                 ));
             }
-            let mut out = Vec::with_capacity(sources.len());
+            let mut out: Vec<KeySource> = Vec::with_capacity(sources.len());
             for (k, s) in sources.iter().enumerate() {
-                out.push(parse_key_source(&format!("{at}.key[{k}]"), s)?);
+                let source = parse_key_source(&format!("{at}.key[{k}]"), s)?;
+                if let Some(j) = out.iter().position(|o| *o == source) {
+                    return Err(ConfigError::new(
+                        format!("{at}.key[{k}]"),
+                        format!("duplicate key source {s:?} (also {at}.key[{j}])"),
+                    ));
+                }
+                out.push(source);
             }
             out
         }
@@ -359,9 +446,25 @@ fn compile_rule(at: &str, r: RawRule) -> Result<Rule, ConfigError> {
             format!("{} limits, at most {MAX_LIMITS_PER_RULE}", r.limits.len()),
         ));
     }
-    let mut limits = Vec::with_capacity(r.limits.len());
+    let mut limits: Vec<Limit> = Vec::with_capacity(r.limits.len());
     for (k, l) in r.limits.iter().enumerate() {
-        limits.push(compile_limit(&format!("{at}.limits[{k}]"), l)?);
+        let limit = compile_limit(&format!("{at}.limits[{k}]"), l)?;
+        // The window names the limit in RateLimit/RateLimit-Policy ("<id>-<window>"): two
+        // limits with one window would share a name, and one limit with `max` and
+        // `burst` says what two such limits would.
+        if let Some(j) = limits
+            .iter()
+            .position(|o| o.window_secs == limit.window_secs)
+        {
+            return Err(ConfigError::new(
+                format!("{at}.limits[{k}].window"),
+                format!(
+                    "{:?} is the window of {at}.limits[{j}] too: one window per rule (its policy name is \"<id>-<window>\"); use one limit with max and burst",
+                    l.window
+                ),
+            ));
+        }
+        limits.push(limit);
     }
     let scope = r.scope.unwrap_or_default();
     if scope == Scope::Global {
@@ -386,6 +489,7 @@ fn compile_rule(at: &str, r: RawRule) -> Result<Rule, ConfigError> {
         limits,
         shadow: r.shadow,
         scope,
+        continues: r.continues,
     })
 }
 
@@ -415,6 +519,30 @@ fn compile_match(at: &str, m: RawMatch) -> Result<Matcher, ConfigError> {
             format!("{at}.path"),
             format!("longer than {MAX_PATH_LEN} bytes"),
         ));
+    }
+    // Requests are matched in their normal form (crate::path); a rule written in another
+    // form would never match as written, so it is refused with the form to write.
+    let literal = p.strip_suffix('*').unwrap_or(p);
+    if p != "*" && literal.starts_with('/') {
+        match crate::path::normalize(literal.as_bytes()) {
+            Ok(normal) if normal == literal.as_bytes() => {}
+            Ok(normal) => {
+                let star = if p.ends_with('*') { "*" } else { "" };
+                return Err(ConfigError::new(
+                    format!("{at}.path"),
+                    format!(
+                        "{p:?} is not in normal form (requests are matched after percent-decoding, dot-segment removal, merging slashes and dropping ;parameters): write {:?}",
+                        format!("{}{star}", String::from_utf8_lossy(&normal))
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(ConfigError::new(
+                    format!("{at}.path"),
+                    format!("{p:?} has no normal form: {e:?}"),
+                ));
+            }
+        }
     }
     let path = if p == "*" {
         PathMatch::Prefix(String::new())
@@ -454,11 +582,18 @@ fn compile_match(at: &str, m: RawMatch) -> Result<Matcher, ConfigError> {
                     format!("{method:?} is not an HTTP method"),
                 ));
             }
-            methods.push(method.to_ascii_uppercase());
+            let upper = method.to_ascii_uppercase();
+            if let Some(j) = methods.iter().position(|o| *o == upper) {
+                return Err(ConfigError::new(
+                    format!("{at}.methods[{k}]"),
+                    format!("duplicate method {method:?} (also {at}.methods[{j}]; methods compare case-insensitively)"),
+                ));
+            }
+            methods.push(upper);
         }
     }
     let mut headers = Vec::new();
-    if let Some(hs) = m.headers {
+    if let Some(HeaderMatches(hs)) = m.headers {
         if hs.len() > MAX_HEADER_MATCHES {
             return Err(ConfigError::new(
                 format!("{at}.headers"),
@@ -477,6 +612,7 @@ fn compile_match(at: &str, m: RawMatch) -> Result<Matcher, ConfigError> {
     }
     Ok(Matcher {
         path,
+        case_sensitive: m.case_sensitive.unwrap_or(true),
         methods,
         headers,
     })

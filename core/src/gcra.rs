@@ -22,8 +22,9 @@ use crate::config::Limit;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
-    /// The limit closest to running out (fewest tokens left; on a tie the one that
-    /// takes longer to refill). Headers describe this one.
+    /// The limit headers describe. Allowed: the one closest to running out (fewest
+    /// tokens left; on a tie the one that takes longer to refill). Rejected: the refusing
+    /// limit that takes longest to give a token back, the one `Retry-After` comes from.
     pub tightest: usize,
     /// Tokens left in `tightest` after this request.
     pub remaining: u64,
@@ -50,6 +51,7 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
     let mut retry_after_ns = 0u64;
     let mut tightest = 0usize;
     let mut best: Option<(u64, u64)> = None; // (remaining, reset_ns) of tightest
+    let mut refusing: Option<(u64, usize, u64, u64)> = None; // (wait, index, remaining, reset_ns)
     let mut next = [0u64; crate::config::MAX_LIMITS_PER_RULE];
     let mut clamped = false;
 
@@ -68,7 +70,11 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
             let wait = new_tat.saturating_sub(horizon);
             retry_after_ns = retry_after_ns.max(wait);
             allowed = false;
-            ((horizon - start) / limit.interval_ns, start)
+            let remaining = (horizon - start) / limit.interval_ns;
+            if refusing.is_none_or(|(w, ..)| wait > w) {
+                refusing = Some((wait, i, remaining, start.saturating_sub(now)));
+            }
+            (remaining, start)
         };
         next[i] = after;
         let reset_ns = after.saturating_sub(now);
@@ -89,7 +95,12 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
             *t = (*t).min(now.saturating_add(l.depth_ns));
         }
     }
-    let (remaining, reset_ns) = best.unwrap_or((0, 0));
+    let (mut remaining, mut reset_ns) = best.unwrap_or((0, 0));
+    if let Some((_, i, left, reset)) = refusing {
+        tightest = i;
+        remaining = left;
+        reset_ns = reset;
+    }
     Decision {
         allowed,
         tightest,
@@ -98,6 +109,20 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
         retry_after_ns,
         changed: allowed || clamped,
     }
+}
+
+/// Nanoseconds until a bucket that holds `remaining` tokens and is full again in
+/// `reset_ns` gains its next token: the `t` of the IETF `RateLimit` field ("time until
+/// additional quota is made available"). Tokens come back one per interval, the last
+/// one at `reset_ns`, so the next one is due `(burst - remaining - 1)` intervals before
+/// that. On a refusal (`remaining` 0) this is exactly the wait `Retry-After` rounds up.
+pub fn next_token_ns(limit: &Limit, remaining: u64, reset_ns: u64) -> u64 {
+    let later = limit
+        .burst
+        .saturating_sub(remaining)
+        .saturating_sub(1)
+        .saturating_mul(limit.interval_ns);
+    reset_ns.saturating_sub(later)
 }
 
 /// True when every bucket is full again: the entry holds nothing a fresh one would not.

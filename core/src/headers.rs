@@ -3,9 +3,13 @@
 //!
 //! - `X-RateLimit-Limit` / `-Remaining` / `-Reset` as in the seed design; Reset is a Unix
 //!   epoch in seconds (when the limit is full again).
-//! - `RateLimit-Policy` and `RateLimit` as in draft-ietf-httpapi-ratelimit-headers-10:
-//!   `RateLimit-Policy: "api_default-1s";q=10;w=1, "api_default-1m";q=100;w=60` and
-//!   `RateLimit: "api_default-1s";r=7;t=1` (r = remaining, t = seconds until full).
+//! - `RateLimit-Policy` and `RateLimit` as in draft-ietf-httpapi-ratelimit-headers-10
+//!   (and -11): `RateLimit-Policy: "api_default-1s";q=10;w=1, "api_default-1m";q=100;w=60`
+//!   and `RateLimit: "api_default-1s";r=7;t=1`: `r` the tokens left, `t` the seconds until
+//!   the next token is back ("the time until additional quota is made available"). On a
+//!   429 the item describes the limit `Retry-After` comes from, so `t` equals
+//!   `Retry-After` and never names a later time (the draft: Retry-After "SHOULD NOT
+//!   reference a point in time earlier than the reset parameter").
 //! - `Retry-After`: whole seconds until a token is back, at least 1.
 
 use core::fmt::{self, Write};
@@ -108,17 +112,25 @@ pub fn policy_header(rule: &Rule) -> String {
 /// Long enough for `"<64-char id>-<window>";r=<u64>;t=<u64>`.
 pub type RateLimitValue = StackStr<128>;
 
-/// The `RateLimit` value: the tightest limit's remaining tokens and seconds until full.
+/// The `RateLimit` value: a limit's remaining tokens and the seconds until its next
+/// token (`reset_ns`: until it is full again; see [`crate::gcra::next_token_ns`]). `t`
+/// rounds up like `Retry-After`, and is at least 1 while tokens are missing.
 pub fn ratelimit_header(
     rule_id: &str,
     limit: &Limit,
     remaining: u64,
     reset_ns: u64,
 ) -> RateLimitValue {
+    let next = crate::gcra::next_token_ns(limit, remaining, reset_ns);
+    let t = if remaining < limit.burst {
+        retry_after_secs(next)
+    } else {
+        0
+    };
     let mut s = RateLimitValue::new();
     let _ = s.write_char('"');
     let _ = write_policy_name(&mut s, rule_id, limit);
-    let _ = write!(s, "\";r={};t={}", remaining, ceil_secs(reset_ns));
+    let _ = write!(s, "\";r={remaining};t={t}");
     s
 }
 
@@ -146,4 +158,4 @@ pub fn num(v: u64) -> Num {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

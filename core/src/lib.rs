@@ -3,7 +3,8 @@
 //! inside wasm.
 //!
 //! - [`config`]: the plugin configuration (JSON), validated with field paths in errors.
-//! - [`matching`]: which rule a request falls under, and where its client id comes from.
+//! - [`path`]: request paths in normal form, so every spelling of a path meets its rule.
+//! - [`matching`]: which rules a request falls under, and where its client id comes from.
 //! - [`gcra`]: token buckets as GCRA (one timestamp per limit), multi-limit all-or-nothing.
 //! - [`slots`]: the fixed-size table of bucket entries kept in Envoy shared data.
 //! - [`headers`]: `X-RateLimit-*`, IETF `RateLimit`/`RateLimit-Policy`, `Retry-After`, 429 body.
@@ -20,6 +21,7 @@ pub mod global;
 pub mod hash;
 pub mod headers;
 pub mod matching;
+pub mod path;
 pub mod protocol;
 pub mod report;
 pub mod shares;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -127,6 +127,9 @@ impl Response {
 /// A keep-alive connection to one address; reconnects when the server closed it.
 pub struct Client {
     addr: SocketAddr,
+    /// The loopback address connections come from (any of 127/8 on Linux): distinct
+    /// clients by IP on one machine.
+    source: Option<Ipv4Addr>,
     conn: Option<BufReader<TcpStream>>,
 }
 
@@ -137,7 +140,11 @@ impl Client {
     }
 
     pub fn to(addr: SocketAddr) -> Client {
-        Client { addr, conn: None }
+        Client {
+            addr,
+            source: None,
+            conn: None,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -147,9 +154,21 @@ impl Client {
     /// Opens the connection now (otherwise the first request does).
     pub fn connect(&mut self) -> io::Result<()> {
         if self.conn.is_none() {
-            self.conn = Some(BufReader::new(connect(self.addr)?));
+            let stream = match self.source {
+                Some(ip) => connect_from(ip, self.addr)?,
+                None => connect(self.addr)?,
+            };
+            self.conn = Some(BufReader::new(stream));
         }
         Ok(())
+    }
+
+    /// A client whose connections come from `source` (e.g. `127.0.0.7`).
+    pub fn from_source(port: u16, source: Ipv4Addr) -> Client {
+        Client {
+            source: Some(source),
+            ..Client::new(port)
+        }
     }
 
     /// Sends the request and reads the response; panics on I/O errors (a test failure).
@@ -178,7 +197,11 @@ impl Client {
 
     fn exchange(&mut self, bytes: &[u8], head: bool) -> io::Result<Response> {
         if self.conn.is_none() {
-            self.conn = Some(BufReader::new(connect(self.addr)?));
+            let stream = match self.source {
+                Some(ip) => connect_from(ip, self.addr)?,
+                None => connect(self.addr)?,
+            };
+            self.conn = Some(BufReader::new(stream));
         }
         let conn = self.conn.as_mut().unwrap();
         let result = conn
@@ -195,6 +218,19 @@ impl Client {
 
 fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Connects to `addr` from the local address `source` (port chosen by the kernel).
+pub fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    let stream: TcpStream = socket.into();
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;

@@ -19,6 +19,18 @@ use crate::upstream::Upstream;
 /// Envoy compiles the wasm module with V8 once per VM; a cold start takes a few seconds.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The HttpConnectionManager path options the shipped configurations set (field, JSON
+/// value): RFC 3986 normalization, merged slashes, and escaped slashes unescaped with a
+/// redirect, so that upstream and filter see one spelling (README, "Security").
+pub const SHIPPED_PATH_OPTIONS: [(&str, &str); 3] = [
+    ("normalize_path", "true"),
+    ("merge_slashes", "true"),
+    (
+        "path_with_escaped_slashes_action",
+        "\"UNESCAPE_AND_REDIRECT\"",
+    ),
+];
+
 /// A change applied to the generated bootstrap before Envoy starts.
 pub type Tweak = Arc<dyn Fn(&mut Value) + Send + Sync>;
 
@@ -131,6 +143,23 @@ impl EnvoyOptions {
     pub fn wasm_debug(mut self) -> Self {
         self.wasm_debug = true;
         self
+    }
+
+    /// Sets a field of the listener's HttpConnectionManager (e.g. `normalize_path`).
+    pub fn hcm(self, field: &str, value: Value) -> Self {
+        let field = field.to_owned();
+        self.tweak(move |b| {
+            b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"][field.as_str()] = value.clone();
+        })
+    }
+
+    /// The path options `envoy/envoy.yaml` and the Istio EnvoyFilter ship
+    /// ([`SHIPPED_PATH_OPTIONS`]; a test checks both files hold them).
+    pub fn shipped_path_options(self) -> Self {
+        SHIPPED_PATH_OPTIONS
+            .iter()
+            .fold(self, |o, (k, v)| o.hcm(k, serde_json::from_str(v).unwrap()))
     }
 
     pub fn tweak(mut self, f: impl Fn(&mut Value) + Send + Sync + 'static) -> Self {

@@ -213,26 +213,6 @@ fn clients_are_isolated_and_api_key_beats_user_beats_ip() {
 }
 
 #[test]
-fn ip_from_the_configured_forwarded_hop() {
-    let (_u, envoy) = start(
-        r#"{"rules":[{"id":"ip","match":{"path":"/ip"},"key":["ip"],"limits":[{"window":"1h","max":1}]}],"xff_hop":1}"#,
-    );
-    let mut c = envoy.client();
-    let from =
-        |ip: &str| Request::get("/ip").header("x-forwarded-for", &format!("198.51.100.7, {ip}"));
-    assert_eq!(c.send(&from("203.0.113.1")).status, 200);
-    assert_eq!(c.send(&from("203.0.113.1")).status, 429);
-    assert_eq!(
-        c.send(&from("203.0.113.2")).status,
-        200,
-        "another forwarded client"
-    );
-    // Without the header the downstream address is the client.
-    assert_eq!(c.send(&Request::get("/ip")).status, 200);
-    assert_eq!(c.send(&Request::get("/ip")).status, 429);
-}
-
-#[test]
 fn shadow_mode_counts_and_labels_but_never_rejects() {
     let (upstream, envoy) = start(
         r#"{"rules":[{"id":"dry","match":{"path":"/dry"},"limits":[{"window":"1h","max":2}],"shadow":true}]}"#,
@@ -279,7 +259,11 @@ fn every_header_value_and_the_429() {
     c.send(&key("/h", "hv"));
     let r = c.send(&key("/h", "hv"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
-    assert_eq!(r.header("ratelimit"), Some(r#""hdr-1m";r=0;t=60"#));
+    // Full again in 60 s (X-RateLimit-Reset), but the next token is back in 20 s: that is
+    // the draft's t, "the time until additional quota is made available".
+    assert_eq!(r.header("ratelimit"), Some(r#""hdr-1m";r=0;t=20"#));
+    let reset = header_u64(&r, "x-ratelimit-reset");
+    assert!((t0 + 59..=t0 + 62).contains(&reset), "reset {reset}");
 
     let r = c.send(&key("/h", "hv"));
     assert_eq!(r.status, 429);
@@ -296,6 +280,11 @@ fn every_header_value_and_the_429() {
     assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
     assert!(r.header("ratelimit-policy").is_some());
+    // RateLimit does not contradict Retry-After: the same limit, the same second.
+    assert_eq!(
+        r.header("ratelimit"),
+        Some(format!(r#""hdr-1m";r=0;t={retry}"#).as_str())
+    );
     assert_eq!(
         r.header_all("x-ratelimit-limit").len(),
         1,
@@ -383,6 +372,58 @@ fn a_bad_config_is_refused_with_one_line_naming_the_field() {
         (
             r#"{"rules":[],"colour":"red"}"#,
             "configuration refused: colour: unknown field `colour`",
+        ),
+        // Strict parsing: one JSON document, no duplicate field anywhere.
+        (
+            r#"{"rules":[]} {"rules":[{"id":"a","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]}]}"#,
+            "configuration refused: configuration: content after the JSON document",
+        ),
+        (
+            r#"{"rules":[],"headers":"none","headers":"both"}"#,
+            "configuration refused: configuration: duplicate field `headers`",
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/x","headers":{"X-Tier":"free","x-tier":"gold"}},"limits":[{"window":"1m","max":1}]}]}"#,
+            r#"configuration refused: rules[0].match.headers: duplicate header name "x-tier" (also "X-Tier"; header names are case-insensitive)"#,
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/x"},"key":["ip","ip"],"limits":[{"window":"1m","max":1}]}]}"#,
+            r#"configuration refused: rules[0].key[1]: duplicate key source "ip""#,
+        ),
+        // One window per rule: policy names are unique.
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/x"},"limits":[{"window":"1m","max":1},{"window":"60s","max":9}]}]}"#,
+            r#"configuration refused: rules[0].limits[1].window: "60s" is the window of rules[0].limits[0] too"#,
+        ),
+        // Paths in normal form.
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/api//auth/*"},"limits":[{"window":"1m","max":1}]}]}"#,
+            r#"configuration refused: rules[0].match.path: "/api//auth/*" is not in normal form"#,
+        ),
+        // The client address is Envoy's.
+        (
+            r#"{"rules":[],"xff_hop":1}"#,
+            "configuration refused: xff_hop: removed: the \"ip\" key source is the client address Envoy computed",
+        ),
+        // At most 8 rules apply to one request.
+        (
+            &format!(
+                r#"{{"rules":[{}]}}"#,
+                (0..8)
+                    .map(|i| format!(r#"{{"id":"r{i}","match":{{"path":"/x"}},"limits":[{{"window":"1m","max":1}}],"continue":true}}"#))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            r#"configuration refused: rules[7].continue: 8 rules have "continue": at most 7 may"#,
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/x","methods":["POST","post"]},"limits":[{"window":"1m","max":1}]}]}"#,
+            r#"configuration refused: rules[0].match.methods[1]: duplicate method "post""#,
+        ),
+        // The table size is bounded by its start-up cost.
+        (
+            r#"{"rules":[],"max_clients":16777216}"#,
+            "configuration refused: max_clients: 16777216 is out of range 16..=1048576: the whole table is created before Envoy opens its listener",
         ),
     ];
     for (config, line) in cases {
@@ -543,4 +584,40 @@ fn exact_per_client_when_many_clients_share_sets_under_contention() {
     assert_eq!(wait_stat(&envoy, "meshlimit_evicted_total", 0), 0);
     assert_eq!(envoy.stat("meshlimit_failed_open_total").unwrap_or(0), 0);
     assert_no_vm_failure(&envoy);
+}
+
+/// What `max_clients` costs before Envoy opens its listener: the whole table is created
+/// in `on_configure`. Prints start-up time (spawn to listener ready) and Envoy's heap
+/// per size, against the smallest table. A measurement, not a check of the machine's
+/// speed: run it with
+/// `cargo test -p meshlimit-e2e --release --test filter -- --ignored --nocapture start_up_cost`.
+#[test]
+#[ignore]
+fn start_up_cost_of_max_clients() {
+    let upstream = Upstream::start();
+    let rule = r#""rules":[{"id":"t","match":{"path":"/t"},"limits":[{"window":"1s","max":5}]}]"#;
+    let measure = |max_clients: u64| {
+        let started = std::time::Instant::now();
+        let envoy = Envoy::start(
+            &format!(r#"{{{rule},"max_clients":{max_clients}}}"#),
+            &upstream,
+        );
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(envoy.send(&key("/t", "x")).status, 200);
+        (secs, envoy.memory_allocated())
+    };
+    let sizes = [16u64, 100_000, 262_144, 1_048_576];
+    // Two rounds, interleaved, to see the noise.
+    for round in 0..2 {
+        let (base_s, base_heap) = measure(16);
+        for &n in &sizes[1..] {
+            let (s, heap) = measure(n);
+            eprintln!(
+                "round {round}: max_clients {n:>9} ({:>7} sets): start-up {s:.2} s (+{:.2} s over 16), heap +{:.1} MB",
+                meshlimit_core::slots::sets_for(n),
+                s - base_s,
+                heap.saturating_sub(base_heap) as f64 / 1e6
+            );
+        }
+    }
 }

@@ -30,8 +30,12 @@ const COMPANION_CLUSTER: &str = "outbound|8080||meshlimit-service.meshlimit.svc.
 // ---------------------------------------------------------------------------------------
 // Loading.
 
+/// `../shared/schemas` from the repository root, or `$ISTIO_SCHEMAS` (for a checkout
+/// that does not sit beside `shared/`, such as a git worktree).
 fn schemas_dir() -> PathBuf {
-    meshlimit_e2e::repo_root().join("../shared/schemas")
+    std::env::var_os("ISTIO_SCHEMAS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| meshlimit_e2e::repo_root().join("../shared/schemas"))
 }
 
 /// One CustomResourceDefinition from the schemas directory.
@@ -366,6 +370,13 @@ fn eval_cel(rule: &str, this: &Value) -> Option<bool> {
                 .iter()
                 .all(|n| numbers.iter().filter(|m| *m == n).count() == 1)
         }
+        // EnvoyFilter
+        "(has(self.workloadSelector) ? 1 : 0) + (has(self.targetRefs) ? 1 : 0) <= 1" => {
+            count(&["workloadSelector", "targetRefs"]) <= 1
+        }
+        r#"has(self.context) ? ((self.context == "WAYPOINT") ? has(self.waypoint) : !has(self.waypoint)) : !has(self.waypoint)"# => {
+            (str_field("context") == "WAYPOINT") == has("waypoint")
+        }
         // DestinationRule durations
         "duration(self) >= duration('1ms')" => go_duration_ns(s).is_some_and(|ns| ns >= 1e6),
         _ => return None,
@@ -524,7 +535,12 @@ fn every_manifest_document_is_valid() {
         .iter()
         .filter_map(|d| d.value["kind"].as_str())
         .collect();
-    for kind in ["WasmPlugin", "ServiceEntry", "DestinationRule"] {
+    for kind in [
+        "WasmPlugin",
+        "ServiceEntry",
+        "DestinationRule",
+        "EnvoyFilter",
+    ] {
         assert!(kinds.contains(&kind), "no {kind} among {kinds:?}");
     }
 }
@@ -545,9 +561,90 @@ fn wasmplugin_is_the_deployment_described() {
     let config = parse_plugin_config(spec).unwrap_or_else(|e| panic!("pluginConfig: {e}"));
     let ids: Vec<&str> = config.rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["login", "search", "api-free", "api", "ceiling"]);
-    assert_eq!(config.xff_hop, Some(2));
+    assert!(spec["pluginConfig"].get("xff_hop").is_none());
     assert_eq!(config.headers, meshlimit_core::config::HeaderMode::Both);
     assert!(config.rules.iter().any(|r| r.shadow));
+}
+
+/// The HttpConnectionManager fields the gateway's EnvoyFilter merges in.
+fn gateway_listener_patch() -> Value {
+    let ef = manifest_of_kind("EnvoyFilter");
+    let patches = ef["spec"]["configPatches"]
+        .as_array()
+        .expect("configPatches");
+    assert_eq!(patches.len(), 1);
+    let p = &patches[0];
+    assert_eq!(p["applyTo"], "NETWORK_FILTER");
+    assert_eq!(p["match"]["context"], "GATEWAY");
+    assert_eq!(
+        p["match"]["listener"]["filterChain"]["filter"]["name"],
+        "envoy.filters.network.http_connection_manager"
+    );
+    assert_eq!(p["patch"]["operation"], "MERGE");
+    let tc = p["patch"]["value"]["typed_config"].clone();
+    assert_eq!(
+        tc["@type"],
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    );
+    tc
+}
+
+#[test]
+fn the_gateway_listener_gets_the_shipped_path_and_address_settings() {
+    let ef = manifest_of_kind("EnvoyFilter");
+    let wp = manifest_of_kind("WasmPlugin");
+    // The same gateways as the WasmPlugin.
+    assert_eq!(
+        ef["spec"]["workloadSelector"]["labels"],
+        wp["spec"]["selector"]["matchLabels"]
+    );
+    let tc = gateway_listener_patch();
+    // What the e2e tests run Envoy with (SHIPPED_PATH_OPTIONS) and envoy/envoy.yaml sets.
+    for (field, value) in meshlimit_e2e::SHIPPED_PATH_OPTIONS {
+        let want: Value = serde_json::from_str(value).unwrap();
+        assert_eq!(tc[field], want, "{field}");
+    }
+    assert_eq!(tc["use_remote_address"], true);
+    assert_eq!(
+        tc["xff_num_trusted_hops"], 1,
+        "one cloud load balancer in front"
+    );
+    // Negative: the schema catches a misspelt context, the CEL rule a stray waypoint.
+    let mut bad = ef.clone();
+    bad["spec"]["configPatches"][0]["match"]["context"] = json!("GATEWAYS");
+    assert_refused(&bad, &["context", "GATEWAYS"]);
+    let mut bad = ef.clone();
+    bad["spec"]["configPatches"][0]["match"]["waypoint"] = json!({"portNumber": 80});
+    assert_refused(&bad, &["configPatches[0].match"]);
+}
+
+#[test]
+fn envoy_yaml_sets_what_the_filter_relies_on() {
+    let path = meshlimit_e2e::repo_root().join("envoy/envoy.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs = yaml_documents(&text, "envoy/envoy.yaml").unwrap();
+    let hcm = &docs[0]["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"];
+    for (field, value) in meshlimit_e2e::SHIPPED_PATH_OPTIONS {
+        let want: Value = serde_json::from_str(value).unwrap();
+        assert_eq!(hcm[field], want, "envoy.yaml {field}");
+    }
+    assert_eq!(hcm["use_remote_address"], true);
+    assert_eq!(hcm["xff_num_trusted_hops"], 0, "the demo Envoy is the edge");
+    // Its plugin configuration is accepted, and the login rule counts per IP.
+    let wasm = hcm["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.wasm")
+        .expect("the wasm filter");
+    let json = wasm["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let config = meshlimit_core::config::parse(json.as_bytes())
+        .unwrap_or_else(|e| panic!("envoy.yaml plugin configuration: {e}"));
+    let auth = config.rules.iter().find(|r| r.id == "auth").unwrap();
+    assert_eq!(auth.key, [meshlimit_core::config::KeySource::Ip]);
 }
 
 #[test]

@@ -202,3 +202,29 @@ async fn sigterm_exits_cleanly_and_metrics_render() {
     }
     assert!(s.terminate(), "service did not exit 0 on SIGTERM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_parsed_as_strictly_as_the_filter_parses_them() {
+    // PUT /rate-limits/rules uses the filter's parser: a second document after the first
+    // or a repeated field is refused, not half-applied.
+    let s = Service::start(&[]);
+    let c = &s.client;
+    for (body, want) in [
+        (
+            r#"{"rules":[]} {"rules":[{"id":"x","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]}]}"#,
+            "content after the JSON document",
+        ),
+        (
+            r#"{"rules":[{"id":"x","match":{"path":"/x","headers":{"a":"1","A":"2"}},"limits":[{"window":"1m","max":1}]}]}"#,
+            "rules[0].match.headers: duplicate header name",
+        ),
+    ] {
+        let r = c
+            .put_raw("/rate-limits/rules", body.as_bytes().to_vec())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}");
+        let detail = r.json()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains(want), "{detail}");
+    }
+}

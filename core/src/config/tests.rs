@@ -47,7 +47,31 @@ fn parses_the_documented_example() {
     assert_eq!(api.limits[0].depth_ns, 2_000_000_000);
     assert_eq!(c.headers, HeaderMode::XRatelimit);
     assert_eq!(c.sets, 65_536);
-    assert_eq!(c.xff_hop, None);
+    assert!(c
+        .rules
+        .iter()
+        .all(|r| !r.continues && r.matcher.case_sensitive));
+}
+
+#[test]
+fn the_readme_example_means_what_readme_says() {
+    // The first JSON block of README.md, so the documentation cannot drift from the
+    // parser.
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("```json\n").expect("a JSON example in README") + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    let c = parse(&readme.as_bytes()[start..end]).unwrap_or_else(|e| panic!("README: {e}"));
+    let ids: Vec<&str> = c.rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["login_key", "login_ip", "api_default"]);
+    let (key, ip) = (&c.rules[0], &c.rules[1]);
+    assert!(key.continues && !ip.continues);
+    assert_eq!(key.key, [KeySource::Header("x-api-key".into())]);
+    assert_eq!(
+        ip.key,
+        [KeySource::Ip],
+        "the login ceiling counts per address"
+    );
+    assert_eq!(key.matcher, ip.matcher);
 }
 
 #[test]
@@ -202,7 +226,14 @@ fn every_refusal_names_its_field() {
             r#"{"rules":[],"max_clients":3}"#,
             "max_clients: 3 is out of range",
         ),
-        (r#"{"rules":[],"xff_hop":0}"#, "xff_hop: 0 is out of range"),
+        (
+            r#"{"rules":[],"xff_hop":1}"#,
+            "xff_hop: removed: the \"ip\" key source is the client address Envoy computed; set use_remote_address: true",
+        ),
+        (
+            r#"{"rules":[],"max_clients":1048577}"#,
+            "max_clients: 1048577 is out of range 16..=1048576: the whole table is created before Envoy opens its listener (measured at 1048576: +0.75-1.9 s",
+        ),
         (
             r#"{"rules":[],"service":{"cluster":"x"}}"#,
             "service: the companion service block is reserved",
@@ -274,9 +305,180 @@ fn seeds_change_with_limits_not_with_order() {
 fn max_clients_sets_the_table_size() {
     let c = parse(br#"{"rules":[],"max_clients":1000}"#).unwrap();
     assert_eq!(c.sets, 512);
-    let c = parse(br#"{"rules":[],"max_clients":1024, "xff_hop": 2}"#).unwrap();
+    let c = parse(br#"{"rules":[],"max_clients":1024}"#).unwrap();
     assert_eq!(c.sets, 512);
-    assert_eq!(c.xff_hop, Some(2));
     let c = parse(br#"{"rules":[],"max_clients":16}"#).unwrap();
     assert_eq!(c.sets, 8);
+    let c = parse(br#"{"rules":[],"max_clients":1048576}"#).unwrap();
+    assert_eq!(c.sets, 1 << 19);
+}
+
+#[test]
+fn content_after_the_document_is_refused() {
+    // The first document alone would start with no rules: limits silently off.
+    let two = r#"{"rules":[]} {"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"1m","max":5}]}]}"#;
+    assert!(
+        err(two).starts_with("configuration: content after the JSON document (trailing characters at line 1 column 14)"),
+        "{}",
+        err(two)
+    );
+    // What `xff_hop: 0` alone is refused for must not start when smuggled after the end.
+    let tail = format!("{},\"xff_hop\":0}}", one_rule(""));
+    assert!(err(&tail).starts_with("configuration: content after the JSON document"));
+    for junk in ["x", "[]", "0", "\"s\"", "}"] {
+        let json = format!(r#"{{"rules":[]}}{junk}"#);
+        assert!(
+            err(&json).starts_with("configuration: content after the JSON document"),
+            "{json}"
+        );
+    }
+    // White space after the document is fine.
+    assert!(parse(b"{\"rules\":[]} \n\t ").is_ok());
+}
+
+#[test]
+fn duplicate_fields_are_refused_everywhere() {
+    let cases: &[(&str, &str)] = &[
+        (
+            r#"{"rules":[],"rules":[]}"#,
+            "configuration: duplicate field `rules`",
+        ),
+        (
+            r#"{"rules":[],"headers":"none","headers":"both"}"#,
+            "configuration: duplicate field `headers`",
+        ),
+        (
+            &one_rule(r#","shadow":false,"shadow":true"#),
+            "rules[0]: duplicate field `shadow`",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","path":"/b"},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match: duplicate field `path`",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"1m","max":5,"max":50}]}]}"#,
+            "rules[0].limits[0]: duplicate field `max`",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","headers":{"x-tier":"free","x-tier":"gold"}},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.headers: duplicate header name \"x-tier\" (also \"x-tier\"; header names are case-insensitive)",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","headers":{"X-Tier":"free","x-tier":"gold"}},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.headers: duplicate header name \"x-tier\" (also \"X-Tier\"",
+        ),
+        (
+            &one_rule(r#","key":["header:X-Api-Key","ip","header:x-api-key"]"#),
+            "rules[0].key[2]: duplicate key source \"header:x-api-key\" (also rules[0].key[0])",
+        ),
+        (
+            &one_rule(r#","key":["ip","ip"]"#),
+            "rules[0].key[1]: duplicate key source \"ip\" (also rules[0].key[0])",
+        ),
+        (
+            r#"{"rules":[{"id":"r","match":{"path":"/a","methods":["POST","post"]},"limits":[{"window":"1m","max":5}]}]}"#,
+            "rules[0].match.methods[1]: duplicate method \"post\" (also rules[0].match.methods[0]",
+        ),
+    ];
+    for (json, want) in cases {
+        let got = err(json);
+        assert!(
+            got.starts_with(want),
+            "for {json}\n  got:  {got}\n  want: {want}"
+        );
+        assert!(!got.contains('\n'), "one line: {got}");
+    }
+}
+
+#[test]
+fn one_window_per_rule_so_policy_names_are_unique() {
+    let json = r#"{"rules":[{"id":"r","match":{"path":"/a"},"limits":[{"window":"1m","max":5},{"window":"1h","max":50},{"window":"60s","max":10,"burst":2}]}]}"#;
+    assert_eq!(
+        err(json),
+        "rules[0].limits[2].window: \"60s\" is the window of rules[0].limits[0] too: one window per rule (its policy name is \"<id>-<window>\"); use one limit with max and burst"
+    );
+    // Different rules may use the same window: their names differ by the rule id.
+    let c = parse(
+        br#"{"rules":[
+          {"id":"a","match":{"path":"/a"},"limits":[{"window":"1m","max":5}]},
+          {"id":"b","match":{"path":"/a"},"limits":[{"window":"1m","max":5}]}]}"#,
+    )
+    .unwrap();
+    let names: Vec<String> = c
+        .rules
+        .iter()
+        .flat_map(|r| {
+            r.limits.iter().map(|l| {
+                let mut s = String::new();
+                crate::headers::write_policy_name(&mut s, &r.id, l).unwrap();
+                s
+            })
+        })
+        .collect();
+    assert_eq!(names, ["a-1m", "b-1m"]);
+}
+
+#[test]
+fn rule_paths_must_be_in_normal_form() {
+    let path = |p: &str| {
+        format!(
+            r#"{{"rules":[{{"id":"r","match":{{"path":"{p}"}},"limits":[{{"window":"1m","max":5}}]}}]}}"#
+        )
+    };
+    let cases = [
+        ("/api//auth/*", "/api/auth/*"),
+        ("/api/./auth", "/api/auth"),
+        ("/api/x/../auth/*", "/api/auth/*"),
+        ("/%61pi/*", "/api/*"),
+        ("/caf%c3%a9", "/caf%C3%A9"),
+        ("/a;v=1/b", "/a/b"),
+        ("/a%2Fb", "/a/b"),
+    ];
+    for (given, normal) in cases {
+        let got = err(&path(given));
+        let want = format!("rules[0].match.path: \"{given}\" is not in normal form");
+        assert!(got.starts_with(&want), "{got}");
+        assert!(got.ends_with(&format!("write \"{normal}\"")), "{got}");
+        assert!(parse(path(normal).as_bytes()).is_ok(), "{normal}");
+    }
+    assert!(err(&path("/a%zz"))
+        .starts_with("rules[0].match.path: \"/a%zz\" has no normal form: BadPercentEncoding"));
+    for ok in [
+        "*",
+        "/",
+        "/api/*",
+        "/api*",
+        "/a/b/",
+        "/caf%C3%A9",
+        "/a:b@c!",
+    ] {
+        assert!(parse(path(ok).as_bytes()).is_ok(), "{ok}");
+    }
+}
+
+#[test]
+fn continue_and_case_sensitive() {
+    let c = parse(
+        br#"{"rules":[
+          {"id":"key","priority":2,"match":{"path":"/login","case_sensitive":false},"key":["header:x-api-key"],
+           "limits":[{"window":"1m","max":5}],"continue":true},
+          {"id":"ip","priority":1,"match":{"path":"/login"},"key":["ip"],"limits":[{"window":"1m","max":20}]}]}"#,
+    )
+    .unwrap();
+    assert!(c.rules[0].continues && !c.rules[0].matcher.case_sensitive);
+    assert!(!c.rules[1].continues && c.rules[1].matcher.case_sensitive);
+    assert!(err(&one_rule(r#","continue":"yes""#)).starts_with("rules[0].continue: invalid type"));
+    // At most MAX_RULES_PER_REQUEST rules apply to one request.
+    let rule = |i: usize| {
+        format!(
+            r#"{{"id":"r{i}","match":{{"path":"/a"}},"limits":[{{"window":"1s","max":1}}],"continue":true}}"#
+        )
+    };
+    let ok: Vec<String> = (0..MAX_RULES_PER_REQUEST - 1).map(rule).collect();
+    assert!(parse(format!(r#"{{"rules":[{}]}}"#, ok.join(",")).as_bytes()).is_ok());
+    let many: Vec<String> = (0..MAX_RULES_PER_REQUEST).map(rule).collect();
+    assert_eq!(
+        err(&format!(r#"{{"rules":[{}]}}"#, many.join(","))),
+        "rules[7].continue: 8 rules have \"continue\": at most 7 may, so that at most 8 rules apply to one request"
+    );
 }

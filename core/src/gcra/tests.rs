@@ -168,3 +168,41 @@ fn long_run_admits_rate_times_time_plus_burst() {
     }
     assert_eq!(admitted, 3 + 7 * 600);
 }
+
+#[test]
+fn a_refusal_describes_the_limit_retry_after_comes_from() {
+    // 1 s / 10 still has tokens, 1 min / 3 is spent, 1 h / 5 is not: the minute refuses.
+    let l = [limit(1, 10, 10), limit(60, 3, 3), limit(3600, 5, 5)];
+    let mut tats = [0, 0, 0];
+    for _ in 0..3 {
+        assert!(check(&l, &mut tats, 7 * S, 1).allowed);
+    }
+    let d = check(&l, &mut tats, 7 * S, 1);
+    assert!(!d.allowed);
+    assert_eq!((d.tightest, d.remaining), (1, 0));
+    assert_eq!(d.retry_after_ns, 20 * S);
+    assert_eq!(d.reset_ns, 60 * S, "full again in a minute");
+    assert_eq!(
+        next_token_ns(&l[1], d.remaining, d.reset_ns),
+        d.retry_after_ns
+    );
+    // Two refusing limits: the longer wait is the one described.
+    let l = [limit(60, 1, 1), limit(3600, 1, 1)];
+    let mut tats = [0, 0];
+    assert!(check(&l, &mut tats, 7 * S, 1).allowed);
+    let d = check(&l, &mut tats, 7 * S, 1);
+    assert_eq!(d.tightest, 1);
+    assert_eq!(
+        next_token_ns(&l[1], d.remaining, d.reset_ns),
+        d.retry_after_ns
+    );
+    // After an admission: the next token of the tightest limit.
+    let l = [limit(60, 3, 3)];
+    let mut tats = [0];
+    let d = check(&l, &mut tats, 7 * S, 1);
+    assert_eq!((d.remaining, d.reset_ns), (2, 20 * S));
+    assert_eq!(next_token_ns(&l[0], d.remaining, d.reset_ns), 20 * S);
+    let d = check(&l, &mut tats, 7 * S, 1);
+    assert_eq!((d.remaining, d.reset_ns), (1, 40 * S));
+    assert_eq!(next_token_ns(&l[0], d.remaining, d.reset_ns), 20 * S);
+}

@@ -48,8 +48,18 @@ fn ietf_policy_and_ratelimit_values() {
         policy_header(rule),
         r#""api_default-1s";q=10;w=1, "api_default-1m";q=100;w=60"#
     );
+    // 100 a minute: a token every 0.6 s. 97 left and full again in 1.5 s: the tokens
+    // still missing come back at 0.3 s, 0.9 s and 1.5 s, so the next one in 0.3 s.
     let v = ratelimit_header(&rule.id, &rule.limits[1], 97, 1_500_000_000);
-    assert_eq!(v.as_str(), r#""api_default-1m";r=97;t=2"#);
+    assert_eq!(v.as_str(), r#""api_default-1m";r=97;t=1"#);
+    // 3 a minute, all spent: full again in 60 s, but a token is back in 20 s.
+    let l = crate::config::Limit::new(60, 3, 3).unwrap();
+    let v = ratelimit_header("hdr", &l, 0, 60 * S);
+    assert_eq!(v.as_str(), r#""hdr-1m";r=0;t=20"#);
+    assert_eq!(
+        ratelimit_header("hdr", &l, 2, 20 * S).as_str(),
+        r#""hdr-1m";r=2;t=20"#
+    );
 }
 
 #[test]
@@ -65,8 +75,19 @@ fn rejection_body_is_json() {
     let id = "a".repeat(crate::config::MAX_ID_LEN);
     let body = rejection_body(&id, u64::MAX);
     assert!(serde_json::from_slice::<serde_json::Value>(body.as_bytes()).is_ok());
+    let v = ratelimit_header(&id, &rule_limit(), 0, u64::MAX);
+    assert!(
+        v.as_str()
+            .ends_with(&format!(";r=0;t={}", ceil_secs(u64::MAX))),
+        "{}",
+        v.as_str()
+    );
     let v = ratelimit_header(&id, &rule_limit(), u64::MAX, u64::MAX);
-    assert!(v.as_str().ends_with(&format!("t={}", ceil_secs(u64::MAX))));
+    assert!(
+        v.as_str().ends_with(&format!(";r={};t=0", u64::MAX)),
+        "{}",
+        v.as_str()
+    );
 }
 
 fn rule_limit() -> crate::config::Limit {
@@ -81,4 +102,129 @@ fn stack_strings_refuse_overflow_instead_of_growing() {
     assert_eq!(s.as_str(), "abcd");
     assert_eq!(num(0).as_str(), "0");
     assert_eq!(num(u64::MAX).as_str(), "18446744073709551615");
+}
+
+/// Parses `RateLimit-Policy` and `RateLimit` as structured fields (RFC 9651) and checks
+/// them against draft-ietf-httpapi-ratelimit-headers-10/-11: Lists of Items whose bare
+/// item is a String, `q` (required, non-negative Integer) and `w` (positive Integer) on
+/// policies, `r` (required, non-negative Integer) and `t` (non-negative Integer) on the
+/// service limit, which names a listed policy. With a `Retry-After`, `t` must not name a
+/// later time. Returns (policy name, r, t) of the `RateLimit` item.
+pub(crate) fn check_ietf_fields(
+    policy: &str,
+    ratelimit: &str,
+    retry_after: Option<u64>,
+) -> (String, i64, i64) {
+    use sfv::{BareItem, List, ListEntry, Parser};
+    let items = |field: &str, value: &str| -> Vec<sfv::Item> {
+        let list: List = Parser::new(value)
+            .parse()
+            .unwrap_or_else(|e| panic!("{field}: {value:?} is not an SF List: {e}"));
+        assert!(!list.is_empty(), "{field}: empty list");
+        list.into_iter()
+            .map(|e| match e {
+                ListEntry::Item(i) => i,
+                ListEntry::InnerList(_) => panic!("{field}: inner list in {value:?}"),
+            })
+            .collect()
+    };
+    let int = |item: &sfv::Item, key: &str| -> Option<i64> {
+        item.params.get(key).map(|v| match v {
+            BareItem::Integer(n) => i64::from(*n),
+            other => panic!("parameter {key} is not an Integer: {other:?}"),
+        })
+    };
+    let name = |item: &sfv::Item| match &item.bare_item {
+        BareItem::String(s) => s.as_str().to_owned(),
+        other => panic!("item is not a String: {other:?}"),
+    };
+    let mut names = Vec::new();
+    for p in items("RateLimit-Policy", policy) {
+        let q = int(&p, "q").expect("q is required");
+        assert!(q >= 0, "q {q}");
+        let w = int(&p, "w").expect("w");
+        assert!(w > 0, "w {w}");
+        let n = name(&p);
+        assert!(!names.contains(&n), "policy names are unique: {policy}");
+        names.push(n);
+    }
+    let limits = items("RateLimit", ratelimit);
+    assert_eq!(limits.len(), 1, "one service limit: {ratelimit}");
+    let l = &limits[0];
+    let n = name(l);
+    assert!(
+        names.contains(&n),
+        "{n} is not among the policies {names:?}"
+    );
+    let r = int(l, "r").expect("r is required");
+    let t = int(l, "t").expect("t");
+    assert!(r >= 0 && t >= 0, "{ratelimit}");
+    if let Some(retry) = retry_after {
+        assert!(
+            t <= retry as i64,
+            "Retry-After {retry} is earlier than t={t} ({ratelimit})"
+        );
+    }
+    (n, r, t)
+}
+
+#[test]
+fn ietf_fields_follow_the_drafts_grammar_and_agree_with_retry_after() {
+    use crate::gcra::check;
+    let c = parse(
+        br#"{"rules":[{"id":"auth","match":{"path":"/a"},
+            "limits":[{"window":"1m","max":5},{"window":"1h","max":20},{"window":"1s","max":3,"burst":4}]}]}"#,
+    )
+    .unwrap();
+    let rule = &c.rules[0];
+    let policy = policy_header(rule);
+    let mut tats = [0u64; 3];
+    let mut now = 1_700_000_000 * S;
+    let mut refusals = 0;
+    // Admit and refuse through every state for a while, checking every answer.
+    for step in 0..400u64 {
+        now += (step % 7) * S / 5;
+        let d = check(&rule.limits, &mut tats, now, 1);
+        let limit = &rule.limits[d.tightest];
+        let v = ratelimit_header(&rule.id, limit, d.remaining, d.reset_ns);
+        let retry = (!d.allowed).then(|| retry_after_secs(d.retry_after_ns));
+        let (name, r, t) = check_ietf_fields(&policy, v.as_str(), retry);
+        assert_eq!(r as u64, d.remaining);
+        if let Some(retry) = retry {
+            refusals += 1;
+            // On a 429, the item is the limit Retry-After comes from: same second.
+            assert_eq!(t as u64, retry, "step {step}: {}", v.as_str());
+            assert_eq!(r, 0);
+            let mut expect = String::new();
+            write_policy_name(&mut expect, &rule.id, limit).unwrap();
+            assert_eq!(name, expect);
+        } else {
+            assert!(t >= 1, "tokens are missing after an admission: t ≥ 1");
+        }
+    }
+    assert!(refusals > 50, "the loop reached refusals ({refusals})");
+}
+
+// catch_unwind needs unwinding, which wasm32-unknown-unknown does not have: native only.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn the_grammar_check_can_fail() {
+    let policy = r#""a-1m";q=5;w=60"#;
+    let bad = [
+        (policy, r#""a-1m";r=1;t=70"#, Some(12)), // t later than Retry-After
+        (policy, r#"a-1m;r=1;t=1"#, None),        // a Token, not a String
+        (policy, r#""b-1m";r=1;t=1"#, None),      // not a listed policy
+        (policy, r#""a-1m";r=1.5;t=1"#, None),    // not an Integer
+        (policy, r#""a-1m";t=1"#, None),          // r missing
+        (
+            r#""a-1m";q=5;w=60, "a-1m";q=9;w=60"#,
+            r#""a-1m";r=1;t=1"#,
+            None,
+        ), // duplicate name
+        (policy, r#""a-1m";r=1;t=1,"#, None),     // not a List
+    ];
+    for (p, r, retry) in bad {
+        let caught = std::panic::catch_unwind(|| check_ietf_fields(p, r, retry));
+        assert!(caught.is_err(), "{p} / {r} should fail");
+    }
 }
