@@ -140,8 +140,9 @@ pub struct Config {
     #[arg(long, env = "ML_SHARE_HEADROOM", default_value_t = 0.0)]
     pub share_headroom: f64,
 
-    /// Most reconciliation entries kept while degraded; past it the oldest are dropped
-    /// and counted in `meshlimit_reconcile_dropped_total`.
+    /// Most reconciliation entries (counts owed to the store) kept while degraded; past
+    /// it the entry charged least recently is dropped, counted in
+    /// `meshlimit_reconcile_dropped_total`.
     #[arg(long, env = "ML_MAX_PENDING", default_value_t = 1_000_000)]
     pub max_pending: usize,
 

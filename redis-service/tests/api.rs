@@ -59,10 +59,10 @@ async fn bad_inputs_are_named_4xx() {
         ("/rate-limit/check", br#"{"client_id":"a","rule_id":"nope"}"#.to_vec(), 404, "rule_id"),
         ("/rate-limit/check", format!(r#"{{"client_id":"{}","rule_id":"api"}}"#, "x".repeat(2000)).into_bytes(), 400, "client_id"),
         ("/rate-limit/check", vec![b' '; 5 * 1024 * 1024], 413, "body"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":0,"max":1,"admitted":1}]}"#.to_vec(), 400, "entries[0].window_secs"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":"3"}]}"#.to_vec(), 400, "entries[0].admitted"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":0,"max":1,"admitted":1}]}"#.to_vec(), 400, "entries[0].window_secs"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":"3"}]}"#.to_vec(), 400, "entries[0].admitted"),
         ("/v1/sync", br#"{"proxy_id":"","span_ms":1000,"entries":[]}"#.to_vec(), 400, "proxy_id"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":2000000}]}"#.to_vec(), 400, "admitted"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":2000000}]}"#.to_vec(), 400, "admitted"),
     ];
     for (path, body, status, needle) in cases {
         // The server answers 413 before reading a too-large body and closes the
@@ -90,7 +90,7 @@ async fn bad_inputs_are_named_4xx() {
         );
     }
     // Too many entries in one sync.
-    let entry = json!({"rule":"r","key":"k","window_secs":1,"max":1,"admitted":0});
+    let entry = json!({"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":0});
     let big = json!({"proxy_id":"p","span_ms":1000,"entries": vec![entry; 10_001]});
     let r = c.post_json("/v1/sync", &big).await.unwrap();
     assert_eq!(r.status, 400);

@@ -94,7 +94,7 @@ async fn sync_shares_in_redis() {
     // x holds 1.0 until it reports again; y gets only what is free.
     assert_eq!(j["entries"][0]["weight"].as_f64().unwrap(), 0.0, "{j}");
     // One key twice in one report: both counted.
-    let e = serde_json::json!({"rule": "r", "key": "dupdupdupdupdupd", "window_secs": 30, "max": 100, "admitted": 4});
+    let e = serde_json::json!({"rule": "r", "key": "d0d0d0d0d0d0d0d0", "window_secs": 30, "max": 100, "admitted": 4});
     let j = s
         .client
         .post_json(
