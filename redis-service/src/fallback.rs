@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What a degraded decision still has to add to the store.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -116,8 +116,22 @@ pub struct Fallback {
     pub mode: FailMode,
     pub share: f64,
     local: MemoryStore,
+    /// Read on every request; written only together with `log`.
     degraded: AtomicBool,
+    log: Mutex<DegradedLog>,
     pending: Mutex<PendingTable>,
+}
+
+/// Degraded periods, kept as counters so that a period shorter than a scrape interval
+/// still shows (`meshlimit_degraded_transitions_total`, `..._seconds_total`).
+#[derive(Default)]
+struct DegradedLog {
+    since: Option<Instant>,
+    /// Time spent degraded in periods that have ended.
+    total: Duration,
+    transitions: u64,
+    /// Why: the store error that started the period, or the latest probe failure.
+    reason: String,
 }
 
 impl Fallback {
@@ -127,6 +141,7 @@ impl Fallback {
             share,
             local,
             degraded: AtomicBool::new(false),
+            log: Mutex::new(DegradedLog::default()),
             pending: Mutex::new(PendingTable::new(max_pending)),
         }
     }
@@ -135,9 +150,51 @@ impl Fallback {
         self.degraded.load(Ordering::Acquire)
     }
 
-    /// Returns true when this call flipped the state.
-    pub fn set_degraded(&self, d: bool) -> bool {
-        self.degraded.swap(d, Ordering::AcqRel) != d
+    /// Enters degraded mode because of `reason`; true when this call flipped the state.
+    pub fn enter_degraded(&self, reason: &str) -> bool {
+        let mut log = self.log.lock();
+        if self.degraded.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        log.since = Some(Instant::now());
+        log.transitions += 1;
+        log.reason = reason.to_string();
+        true
+    }
+
+    /// Leaves degraded mode; true when this call flipped the state.
+    pub fn leave_degraded(&self) -> bool {
+        let mut log = self.log.lock();
+        if !self.degraded.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        if let Some(t) = log.since.take() {
+            log.total += t.elapsed();
+        }
+        true
+    }
+
+    /// While degraded, records the latest reason the store is still not usable (a
+    /// probe's error), so `/readyz` tells the current one.
+    pub fn still_degraded(&self, reason: &str) {
+        let mut log = self.log.lock();
+        if self.is_degraded() {
+            log.reason = reason.to_string();
+        }
+    }
+
+    /// Why the service is degraded (empty when it is not).
+    pub fn reason(&self) -> Option<(String, Duration)> {
+        let log = self.log.lock();
+        log.since.map(|t| (log.reason.clone(), t.elapsed()))
+    }
+
+    /// Transitions into degraded mode, and seconds spent there (the current period
+    /// included), since start.
+    pub fn degraded_totals(&self) -> (u64, f64) {
+        let log = self.log.lock();
+        let open = log.since.map_or(Duration::ZERO, |t| t.elapsed());
+        (log.transitions, (log.total + open).as_secs_f64())
     }
 
     pub fn pending_len(&self) -> usize {

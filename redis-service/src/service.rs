@@ -90,7 +90,7 @@ impl Service {
         self.metrics.store_error(e.kind());
         match e {
             StoreError::Unavailable(_) => {
-                if self.fallback.set_degraded(true) {
+                if self.fallback.enter_degraded(&e.to_string()) {
                     tracing::warn!("store failing, answering from the fallback: {e}");
                 }
             }
@@ -241,10 +241,15 @@ impl Service {
         })
     }
 
-    /// `/readyz`: the store answers (within the deadline) and we are not degraded.
+    /// `/readyz`: the store answers (within the deadline) and we are not degraded. The
+    /// error says why not: the store's own words where it gave any (`NOAUTH ...`, a
+    /// refused connection, a deadline).
     pub async fn ready(&self) -> Result<(), String> {
-        if self.fallback.is_degraded() {
-            return Err("degraded: answering from the local fallback".into());
+        if let Some((reason, for_how_long)) = self.fallback.reason() {
+            return Err(format!(
+                "degraded for {:.1} s, answering from the local fallback: {reason}",
+                for_how_long.as_secs_f64()
+            ));
         }
         match tokio::time::timeout(
             self.deadline.max(Duration::from_millis(500)),
@@ -280,10 +285,12 @@ impl Service {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!("probe: {e}");
+                self.fallback.still_degraded(&e.to_string());
                 return;
             }
             Err(_) => {
                 tracing::debug!("probe: ping timed out");
+                self.fallback.still_degraded("store ping timed out");
                 return;
             }
         }
@@ -297,7 +304,7 @@ impl Service {
             .await
         {
             Ok(n) => {
-                if self.fallback.set_degraded(false) {
+                if self.fallback.leave_degraded() {
                     tracing::info!("store is back; reconciled {n} pending entries");
                 }
                 // Requests that raced the switch may have added more; write those too.
@@ -306,7 +313,11 @@ impl Service {
                     .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
                     .await;
             }
-            Err(e) => tracing::warn!("reconciliation incomplete: {e}"),
+            Err(e) => {
+                tracing::warn!("reconciliation incomplete: {e}");
+                self.fallback
+                    .still_degraded(&format!("writing back pending counts: {e}"));
+            }
         }
     }
 
@@ -325,8 +336,11 @@ impl Service {
     }
 
     pub fn render_metrics(&self) -> String {
+        let (degraded_transitions, degraded_seconds) = self.fallback.degraded_totals();
         self.metrics.render(&Gauges {
             degraded: self.fallback.is_degraded(),
+            degraded_transitions,
+            degraded_seconds,
             pending: self.fallback.pending_len(),
             round_trips: self.store.round_trips(),
             rules: self.rule_count(),

@@ -1,0 +1,105 @@
+//! The accept loop: HTTP/1.1 connections served by hyper with the limits a service
+//! exposed to hostile clients needs, and a graceful shutdown that a stalled client
+//! cannot hold up.
+//!
+//! - **Header read timeout**: a connection must deliver a complete request head within
+//!   `header_timeout` of being ready for one (just accepted, or the previous response
+//!   sent); otherwise hyper closes it. This bounds a slowloris (a header sent a byte at
+//!   a time) and an idle keep-alive connection alike.
+//! - **Connections**: at most `max_connections` at once. One more is accepted, told
+//!   `503` with an `ErrorBody`, and closed at once, so that a client learns it was
+//!   refused instead of waiting in the kernel's backlog behind connections that may
+//!   take a whole header timeout to go away.
+//! - **Header size**: hyper's read buffer is capped at `MAX_HEAD_BYTES`, so a request
+//!   head larger than that is refused (431) rather than buffered.
+//! - **Shutdown**: when `shutdown` resolves, no new connection is accepted, idle ones
+//!   (including any still waiting for a request head) are closed, in-flight requests get
+//!   `grace` to finish.
+//!
+//! axum's own `serve` has no header read timeout, hence this loop.
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// Largest request head (request line and headers) read, bytes.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+    /// How long in-flight requests may still run after the shutdown signal.
+    pub grace: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains. Returns true when
+/// every connection was done within the grace period.
+pub async fn run(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let sock = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, _)) => sock,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait for some to close
+                    // instead of spinning.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refuse(sock, limits.max_connections);
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let conn = http.serve_connection(TokioIo::new(sock), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // Errors here are the client's (a reset, a header timeout): nothing to do.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => true,
+        _ = tokio::time::sleep(limits.grace) => false,
+    }
+}
+
+/// Tells a connection over the limit why, without waiting on it: a fresh socket's send
+/// buffer takes the few bytes at once, and a client that cannot take them loses nothing
+/// it was promised.
+fn refuse(sock: TcpStream, limit: usize) {
+    let body =
+        format!(r#"{{"error":"overloaded","detail":"too many connections (at most {limit})"}}"#);
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.try_write(resp.as_bytes());
+    tracing::debug!("connection refused: {limit} open");
+}
