@@ -12,22 +12,24 @@
 //!   take a whole header timeout to go away.
 //! - **Header size**: hyper's read buffer is capped at `MAX_HEAD_BYTES`, so a request
 //!   head larger than that is refused (431) rather than buffered.
-//! - **Shutdown**: when `shutdown` resolves, no new connection is accepted, idle ones
-//!   (including any still waiting for a request head) are closed, in-flight requests get
-//!   `grace` to finish.
+//! - **Shutdown**: when `shutdown` resolves, no new connection is accepted, connections
+//!   with no request in the application (idle, or a head still arriving) are closed at
+//!   once, and in-flight requests get `grace` to finish and be answered.
 //!
 //! axum's own `serve` has no header read timeout, hence this loop.
 
 use axum::Router;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// Largest request head (request line and headers) read, bytes.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -38,6 +40,23 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long in-flight requests may still run after the shutdown signal.
     pub grace: Duration,
+}
+
+/// Counts a connection's requests from the moment the application has them until their
+/// response body is dropped (sent or abandoned).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains. Returns true when
@@ -53,8 +72,11 @@ pub async fn run(
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
-    let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // `stop` tells every connection to wind down; each holds a `done` sender, so the
+    // channel closes when the last one has gone (the shape of tokio mini-redis).
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
         let sock = tokio::select! {
@@ -75,19 +97,51 @@ pub async fn run(
             continue;
         };
         let _ = sock.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(sock), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let app = TowerToHyperService::new(app.clone());
+        let counted = in_flight.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let guard = InFlight::enter(&counted);
+            let response = hyper::service::Service::call(&app, req);
+            async move {
+                let r = response.await?;
+                // The guard lives as long as the response body.
+                Ok::<_, std::convert::Infallible>(r.map(move |b| {
+                    axum::body::Body::new(b.map_frame(move |f| {
+                        let _ = &guard;
+                        f
+                    }))
+                }))
+            }
+        });
+        let conn = http.serve_connection(TokioIo::new(sock), service);
+        let mut stop = stop_rx.clone();
+        let done = done_tx.clone();
         tokio::spawn(async move {
-            // Errors here are the client's (a reset, a header timeout): nothing to do.
+            let _done = done;
+            let _permit = permit;
+            tokio::pin!(conn);
+            tokio::select! {
+                // Errors here are the client's (a reset, a header timeout).
+                _ = conn.as_mut() => return,
+                _ = stop.changed() => {}
+            }
+            // Nothing in flight (idle, or a request head still arriving): nothing is
+            // owed to this client, close now. hyper's own graceful shutdown would wait
+            // for a head that may never come.
+            if in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            conn.as_mut().graceful_shutdown();
             let _ = conn.await;
-            drop(permit);
         });
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => true,
-        _ = tokio::time::sleep(limits.grace) => false,
-    }
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    tokio::time::timeout(limits.grace, done_rx.recv())
+        .await
+        .is_ok()
 }
 
 /// Tells a connection over the limit why, without waiting on it: a fresh socket's send
