@@ -113,10 +113,29 @@ impl Service {
                     format!("rule_id: no rule {:?} is loaded", req.rule_id),
                 )
             })?;
+        let hits = req.hits.unwrap_or(1);
+        // More hits than a limit holds could never be admitted, and no retry time would
+        // be true: say so instead of refusing forever.
+        for l in &rule.limits {
+            let holds = match self.algorithm {
+                Algorithm::SlidingWindow => l.max,
+                Algorithm::TokenBucket => l.burst,
+            };
+            if hits > holds {
+                return Err(ApiError::new(
+                    400,
+                    "bad_request",
+                    format!(
+                        "hits: {hits} is more than rule {:?} ever admits at once ({holds} per {} s)",
+                        rule.id, l.window_secs
+                    ),
+                ));
+            }
+        }
         let op = CheckOp {
             tag: self.keys.tag(Namespace::Check, &rule.id, &req.client_id),
             limits: rule.limits.iter().map(StoreLimit::from).collect(),
-            hits: req.hits.unwrap_or(1),
+            hits,
             force: false,
         };
         let (out, source) = self.check_op(op.clone()).await;

@@ -299,7 +299,7 @@ async fn bodies_are_one_json_object_parsed_strictly() {
             r.text()
         );
     }
-    assert_eq!(metric(c, "meshlimit_rules").await, 4.0);
+    assert_eq!(metric(c, "meshlimit_rules").await, 5.0);
     assert_eq!(check(c, &id, "api", 1).await["remaining"], 3);
 
     // Only JSON: a form post (what `curl -d` and a browser send) is 415.
@@ -420,4 +420,28 @@ async fn bearer_scheme_in_any_case_but_one_header_only() {
             .unwrap();
         assert_eq!(r.status, 401, "{headers:?}: {}", r.text());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_and_reset_at_are_true_in_memory() {
+    let sw = Service::start(&["--algorithm", "sliding-window"]);
+    let tb = Service::start(&["--algorithm", "token-bucket"]);
+    tokio::join!(
+        retry_contract(&sw.client, true),
+        retry_contract(&tb.client, false)
+    );
+    // More hits than the limit holds: no retry time would be true, so 400.
+    let r = sw
+        .client
+        .post_json(
+            "/rate-limit/check",
+            &json!({"client_id": "x", "rule_id": "retry", "hits": 3}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("hits: 3 is more than"));
 }

@@ -351,7 +351,8 @@ pub const RULES: &str = r#"{"rules":[
   {"id":"api","match":{"path":"/api/*"},"limits":[{"window":"2s","max":5},{"window":"1h","max":8}]},
   {"id":"big","match":{"path":"/big/*"},"limits":[{"window":"1h","max":50}]},
   {"id":"short","match":{"path":"/short/*"},"limits":[{"window":"1s","max":3}]},
-  {"id":"many","match":{"path":"/many/*"},"limits":[{"window":"1h","max":1000000}]}
+  {"id":"many","match":{"path":"/many/*"},"limits":[{"window":"1h","max":1000000}]},
+  {"id":"retry","match":{"path":"/retry/*"},"limits":[{"window":"2s","max":2}]}
 ]}"#;
 
 pub struct Service {
@@ -569,4 +570,73 @@ fn rand_u64() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+async fn sleep_until_unix(t: f64) {
+    let d = t - unix_now();
+    if d > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(d)).await;
+    }
+}
+
+/// `retry_after` and `reset_at` name a time at which a retry succeeds, and a retry just
+/// before it fails ("retry" is 2 per 2 s). The store runs on this machine's clock (the
+/// embedded store) or Redis' `TIME` on the same machine.
+///
+/// Sliding window: the refused third hit can come back when the first two have decayed
+/// enough, 2.9 s later (`retry_after` 3); one second earlier is still refused. A single
+/// hit's limit is full again at the second window boundary ahead (`reset_at`); a request
+/// for the whole limit 0.25 s earlier is refused. Token bucket: the same, with
+/// `reset_at` rounded up to a whole second from the bucket's own time, so "before" is
+/// one second before.
+pub async fn retry_contract(c: &Client, sliding: bool) {
+    // 0.1 s into an even second: the 2 s windows start where this test thinks.
+    let now = unix_now();
+    sleep_until_unix((now / 2.0).floor() * 2.0 + 2.1).await;
+    let a = uniq("retry-a");
+    assert_eq!(check(c, &a, "retry", 2).await["allowed"], true);
+    let r = check(c, &a, "retry", 1).await;
+    let refused_at = unix_now();
+    assert_eq!(r["allowed"], false, "{r}");
+    let retry = r["retry_after"].as_u64().unwrap() as f64;
+    if sliding {
+        assert_eq!(retry, 3.0, "{r}");
+    }
+    sleep_until_unix(refused_at + retry - 1.0 - 0.05).await;
+    let early = check(c, &a, "retry", 1).await;
+    assert_eq!(
+        early["allowed"], false,
+        "admitted before retry_after: {early}"
+    );
+    sleep_until_unix(refused_at + retry).await;
+    let on_time = check(c, &a, "retry", 1).await;
+    assert_eq!(
+        on_time["allowed"], true,
+        "refused at retry_after {retry}: {on_time}"
+    );
+
+    let b = uniq("retry-b");
+    let r = check(c, &b, "retry", 1).await;
+    assert_eq!(r["allowed"], true, "{r}");
+    let reset = r["reset_at"].as_u64().unwrap() as f64;
+    assert!(reset > unix_now(), "{r}");
+    sleep_until_unix(reset - if sliding { 0.25 } else { 1.05 }).await;
+    let early = check(c, &b, "retry", 2).await;
+    assert_eq!(
+        early["allowed"], false,
+        "whole limit before reset_at {reset}: {early}"
+    );
+    sleep_until_unix(reset).await;
+    let on_time = check(c, &b, "retry", 2).await;
+    assert_eq!(
+        on_time["allowed"], true,
+        "whole limit refused at reset_at {reset}: {on_time}"
+    );
 }
