@@ -165,6 +165,16 @@ pub struct Config {
     #[arg(long, env = "ML_REPORT_WORKERS", default_value_t = 1)]
     pub report_workers: usize,
 
+    /// Reports (`/v1/sync`) handled at once; one more is answered 503 (`overloaded`,
+    /// `Retry-After: 1`) without being read.
+    #[arg(long, env = "ML_MAX_REPORTS_IN_FLIGHT", default_value_t = 2)]
+    pub max_reports_in_flight: usize,
+
+    /// Sync entries per script call (see `SYNC_CHUNK` in `src/store/redis.rs`); for
+    /// measuring the trade-off, not for tuning in production.
+    #[arg(long, env = "ML_SYNC_ENTRIES_PER_CALL", default_value_t = crate::store::redis::SYNC_CHUNK, hide = true)]
+    pub sync_entries_per_call: usize,
+
     /// Seconds to wait for in-flight requests on SIGTERM before exiting.
     #[arg(long, env = "ML_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -199,6 +209,12 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err("--max-connections: must be > 0".into());
+        }
+        if !(1..=1000).contains(&self.sync_entries_per_call) {
+            return Err("--sync-entries-per-call: must be in 1..=1000".into());
+        }
+        if self.max_reports_in_flight == 0 {
+            return Err("--max-reports-in-flight: must be > 0".into());
         }
         if self.report_workers == 0 {
             return Err("--report-workers: must be > 0".into());

@@ -27,6 +27,10 @@ pub struct AppState {
     pub reports: Option<tokio::runtime::Handle>,
     /// Longest a client may take to send a request body.
     pub body_timeout: Duration,
+    /// Reports being read or run at once; one more is answered 503 before its body is
+    /// read, so reports that come faster than the store takes them do not pile up (in
+    /// memory, and in front of each other past their deadlines).
+    pub reports_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl IntoResponse for ApiError {
@@ -303,12 +307,22 @@ async fn check(
     Ok(resp)
 }
 
-async fn sync(
-    State(st): State<AppState>,
-    JsonObject(bytes): JsonObject,
-) -> Result<Response, ApiError> {
+async fn sync(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let Ok(permit) = st.reports_in_flight.clone().try_acquire_owned() else {
+        let mut r = ApiError::new(
+            503,
+            "overloaded",
+            "too many reports in progress; send this one's counts with the next report",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(r);
+    };
+    let JsonObject(bytes) = JsonObject::from_request(req, &st).await?;
     let svc = st.svc.clone();
     let work = async move {
+        let _permit = permit;
         let req: SyncRequest = parse_strict(&bytes)?;
         let r = svc.sync(&req).await?;
         Ok::<_, ApiError>(serde_json::to_vec(&r).unwrap_or_default())

@@ -75,6 +75,7 @@ async fn run(cfg: Config, reports: tokio::runtime::Handle) -> Result<(), String>
         // has its own, shorter deadline on top (--store-timeout-ms / --sync-timeout-ms).
         io_timeout: Duration::from_millis(cfg.store_timeout_ms.max(cfg.sync_timeout_ms).max(100)),
         report_runtime: Some(reports.clone()),
+        sync_chunk: cfg.sync_entries_per_call,
     };
     let mut memory: Option<Arc<MemoryStore>> = None;
     let (store, redis): (Arc<dyn Store>, Option<Arc<RedisStore>>) =
@@ -151,6 +152,7 @@ async fn run(cfg: Config, reports: tokio::runtime::Handle) -> Result<(), String>
         auth: Auth::new(token.as_deref()),
         reports: Some(reports),
         body_timeout: Duration::from_millis(cfg.body_timeout_ms),
+        reports_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_reports_in_flight)),
     });
     let limits = Limits {
         header_timeout: Duration::from_millis(cfg.header_timeout_ms),

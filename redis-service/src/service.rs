@@ -11,6 +11,7 @@ use meshlimit_core::config::Rule;
 use meshlimit_core::protocol::{CheckRequest, CheckResponse, SyncGrant, SyncRequest, SyncResponse};
 use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,9 @@ pub struct Service {
     pub share: ShareParams,
     deadline: Duration,
     sync_deadline: Duration,
+    /// When the store last answered anything (nanoseconds since `epoch`).
+    last_answer_ns: AtomicU64,
+    epoch: Instant,
 }
 
 impl Service {
@@ -67,6 +71,8 @@ impl Service {
             },
             deadline: cfg.store_timeout(),
             sync_deadline: cfg.sync_timeout(),
+            last_answer_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -86,10 +92,18 @@ impl Service {
     /// error about one item (e.g. a script refused while its slot migrates) does not
     /// stop the others from using the store. What the fallback admits is written back
     /// by the probe in both cases.
-    fn store_failed(&self, e: &StoreError) {
+    ///
+    /// A report that is merely slow (`from_report`, `StoreError::Slow`) does not switch
+    /// either: reports queue behind each other when they come faster than the store
+    /// takes them, and that must not send every check to the fallback. A store that is
+    /// really gone refuses connections (which does switch) or fails checks too.
+    fn store_failed(&self, e: &StoreError, from_report: bool) {
         self.metrics.store_error(e.kind());
         match e {
-            StoreError::Unavailable(_) => {
+            StoreError::Slow(_) if from_report => {
+                tracing::debug!("a report's store call was slow: {e}")
+            }
+            StoreError::Unavailable(_) | StoreError::Slow(_) => {
                 if self.fallback.enter_degraded(&e.to_string()) {
                     tracing::warn!("store failing, answering from the fallback: {e}");
                 }
@@ -155,6 +169,18 @@ impl Service {
         })
     }
 
+    fn store_answered(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.last_answer_ns.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Whether the store has answered anything (a check, a report) within the last
+    /// check deadline.
+    fn store_answered_lately(&self) -> bool {
+        let last = Duration::from_nanos(self.last_answer_ns.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last) < self.deadline
+    }
+
     /// The store's answer, or None when the fallback must decide.
     async fn check_op(&self, op: CheckOp) -> (Option<CheckOutcome>, &'static str) {
         if self.fallback.is_degraded() {
@@ -167,15 +193,31 @@ impl Service {
             .observe(t.elapsed().as_secs_f64());
         match r {
             Ok(mut v) => match v.pop() {
-                Some(Ok(o)) => (Some(o), "store"),
+                Some(Ok(o)) => {
+                    self.store_answered();
+                    (Some(o), "store")
+                }
                 Some(Err(e)) => {
-                    self.store_failed(&e);
+                    self.store_failed(&e, false);
                     (None, "fallback")
                 }
                 None => (None, "fallback"),
             },
+            // One late answer while the store goes on answering other calls is a
+            // blip (on a shared machine, a scheduling delay): this check is answered by
+            // the fallback, the service stays. Only a store that has said nothing for a
+            // whole deadline switches it, so one slow call cannot send every check to the
+            // fallback until the next probe.
+            Err(_) if self.store_answered_lately() => {
+                self.metrics.store_error("late");
+                tracing::debug!("a check missed its deadline of {:?}", self.deadline);
+                (None, "fallback")
+            }
             Err(_) => {
-                self.store_failed(&StoreError::Unavailable("deadline".into()));
+                self.store_failed(
+                    &StoreError::Slow(format!("no answer within {:?}", self.deadline)),
+                    false,
+                );
                 (None, "fallback")
             }
         }
@@ -203,7 +245,11 @@ impl Service {
             })
             .collect();
         let mut results: Vec<Option<crate::store::SyncOutcome>> = vec![None; ops.len()];
-        if !self.fallback.is_degraded() && !ops.is_empty() {
+        // Reports try the store even while checks are degraded: they have a deadline and
+        // a connection of their own, so a slow check period does not turn every report
+        // into counts owed (which the probe would then have to write back before checks
+        // could use the store again), and a store that is gone fails them fast anyway.
+        if !ops.is_empty() {
             let t = Instant::now();
             let r = tokio::time::timeout(
                 self.sync_deadline,
@@ -217,12 +263,23 @@ impl Service {
                 Ok(v) => {
                     for (slot, item) in results.iter_mut().zip(v) {
                         match item {
-                            Ok(o) => *slot = Some(o),
-                            Err(e) => self.store_failed(&e),
+                            Ok(o) => {
+                                self.store_answered();
+                                *slot = Some(o)
+                            }
+                            Err(e) => self.store_failed(&e, true),
                         }
                     }
                 }
-                Err(_) => self.store_failed(&StoreError::Unavailable("deadline".into())),
+                // Answered from the fallback; the service stays as it is (see
+                // `store_failed`).
+                Err(_) => {
+                    self.metrics.store_error("sync_deadline");
+                    tracing::debug!(
+                        "sync report missed its deadline of {:?}",
+                        self.sync_deadline
+                    );
+                }
             }
         }
         let mut degraded = false;

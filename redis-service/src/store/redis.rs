@@ -9,12 +9,13 @@
 //! retried one by one through the `redis` crate's cluster client (which follows
 //! redirections) while the slot map is refreshed in the background.
 //!
-//! Checks and bulk work (sync reports, reconciliation) never share a connection: each
-//! node has a connection for checks and one for bulk calls. A connection is one ordered
+//! Checks and reports (`/v1/sync`) never share a connection: each node has a connection
+//! for checks (and the short commands: pings, slot maps, reconciliation) and one for
+//! reports. A connection is one ordered
 //! stream, so a check sent behind a 10 000-entry report on the same connection waits for
 //! the whole report; on its own connection it waits at most for the one script call
 //! Redis is running when it arrives (Redis serves its clients in turn, a read's worth of
-//! commands each), which `SYNC_CHUNK` keeps short. The bulk connections are created on
+//! commands each), which `SYNC_CHUNK` keeps short. The report connections are created on
 //! the reports' runtime (`RedisOptions::report_runtime`), so that their I/O is driven
 //! there too, away from the workers that answer checks.
 
@@ -74,10 +75,10 @@ impl Lua {
 
 /// Most sync entries per script call: bounds how long one call holds Redis' single
 /// thread, which is how long a check arriving meanwhile on its own connection can wait.
-/// `sync.lua` costs about 4 µs per entry (release build, Redis 7.0, one core of this
-/// machine), so a call of 32 entries holds Redis for ≈ 0.15 ms; 256 held it for more
-/// than 1 ms. Fewer entries per call cost more calls, not more round trips (one pipeline
-/// per node either way).
+/// Measured (`INFO commandstats` after 10 000-entry reports, release build, Redis 7.0,
+/// this 2-core machine under other load): 32 entries per call took 0.48–0.56 ms a call
+/// (15–18 µs an entry), 256 took 5.7–7.4 ms (22–29 µs an entry: larger calls are slower
+/// per entry too). More calls cost no more round trips (one pipeline per node either way).
 pub const SYNC_CHUNK: usize = 32;
 /// `lua/sync.lua`: leading ARGV shared by all entries, then ARGV per entry.
 const SYNC_COMMON_ARGS: usize = 5;
@@ -143,16 +144,18 @@ pub struct RedisOptions {
     /// Bound on one connect / one response at the connection level (the caller also
     /// applies its own, shorter, request deadline).
     pub io_timeout: Duration,
-    /// Runtime the bulk connections (sync, reconciliation) are created on, so their I/O
+    /// Runtime the report connections are created on, so their I/O
     /// is driven there; `None`: the caller's.
     pub report_runtime: Option<tokio::runtime::Handle>,
+    /// Sync entries per script call ([`SYNC_CHUNK`] unless measuring).
+    pub sync_chunk: usize,
 }
 
 /// Which connection a batch travels on (see the module comment).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Lane {
     Check,
-    Bulk,
+    Reports,
 }
 
 /// Runs `f` on `rt` (where the connections it creates will be driven) or in place.
@@ -186,21 +189,21 @@ struct Single {
     opts: RedisOptions,
     /// Created lazily so the service starts (degraded) while Redis is down.
     conn: tokio::sync::RwLock<Option<ConnectionManager>>,
-    bulk: tokio::sync::RwLock<Option<ConnectionManager>>,
+    reports: tokio::sync::RwLock<Option<ConnectionManager>>,
 }
 
 #[derive(Clone)]
 struct Node {
     addr: (String, u16),
     conn: MultiplexedConnection,
-    bulk: MultiplexedConnection,
+    reports: MultiplexedConnection,
 }
 
 impl Node {
     fn lane(&self, lane: Lane) -> MultiplexedConnection {
         match lane {
             Lane::Check => self.conn.clone(),
-            Lane::Bulk => self.bulk.clone(),
+            Lane::Reports => self.reports.clone(),
         }
     }
 }
@@ -254,7 +257,9 @@ fn certs(pem: &[u8]) -> redis::TlsCertificates {
 }
 
 fn err_from(e: redis::RedisError) -> StoreError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+    if e.is_timeout() {
+        StoreError::Slow(e.to_string())
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::Unavailable(e.to_string())
     } else {
         StoreError::Failed(e.to_string())
@@ -343,7 +348,7 @@ impl RedisStore {
                 info,
                 opts,
                 conn: tokio::sync::RwLock::new(None),
-                bulk: tokio::sync::RwLock::new(None),
+                reports: tokio::sync::RwLock::new(None),
             }),
             round_trips: AtomicU64::new(0),
         })
@@ -486,7 +491,7 @@ impl Single {
     async fn get(&self, lane: Lane) -> Result<ConnectionManager, StoreError> {
         let slot = match lane {
             Lane::Check => &self.conn,
-            Lane::Bulk => &self.bulk,
+            Lane::Reports => &self.reports,
         };
         if let Some(c) = slot.read().await.as_ref() {
             return Ok(c.clone());
@@ -510,7 +515,7 @@ impl Single {
         };
         let c = match lane {
             Lane::Check => connect.await?,
-            Lane::Bulk => on_runtime(&self.opts.report_runtime, connect).await??,
+            Lane::Reports => on_runtime(&self.opts.report_runtime, connect).await??,
         };
         *w = Some(c.clone());
         Ok(c)
@@ -808,10 +813,14 @@ impl Cluster {
                                 .map_err(err_from)?;
                             let cfg = async_cfg(&self.opts);
                             let conn = node_connection(client.clone(), cfg.clone()).await?;
-                            let bulk =
+                            let reports =
                                 on_runtime(&self.opts.report_runtime, node_connection(client, cfg))
                                     .await??;
-                            Node { addr, conn, bulk }
+                            Node {
+                                addr,
+                                conn,
+                                reports,
+                            }
                         }
                     };
                     nodes.push(node);
@@ -887,6 +896,9 @@ impl Cluster {
                 match &r {
                     Ok(v) if !retryable(v) => out[i] = r,
                     Ok(_) => retry.push(i),
+                    // Slow is not broken: the calls may still run, so they are neither
+                    // sent again (counted twice) nor is the node dropped (its check
+                    // connection with it).
                     Err(StoreError::Unavailable(_)) => {
                         broken.push(n);
                         retry.push(i);
@@ -920,7 +932,7 @@ impl Cluster {
         });
         let mut timed_out = false;
         for (i, r) in join_all(again).await {
-            timed_out |= matches!(&r, Err(StoreError::Unavailable(m)) if m.contains("timed out"));
+            timed_out |= matches!(&r, Err(StoreError::Slow(_)));
             out[i] = r;
         }
         if timed_out {
@@ -988,13 +1000,10 @@ impl Store for RedisStore {
 
     async fn check(&self, algo: Algorithm, ops: &[CheckOp]) -> Vec<ItemResult<CheckOutcome>> {
         let calls = ops.iter().map(|op| self.check_call(algo, op)).collect();
-        // Forced calls are reconciliation, written in batches of up to 1000: bulk work.
-        let lane = if ops.iter().any(|op| op.force) {
-            Lane::Bulk
-        } else {
-            Lane::Check
-        };
-        self.run(calls, lane)
+        // Reconciliation (forced calls) travels with the checks too: it runs while the
+        // service is degraded, when no check uses the store, and must not queue behind
+        // reports (it is what ends degraded mode).
+        self.run(calls, Lane::Check)
             .await
             .into_iter()
             .map(|r| r.and_then(check_outcome))
@@ -1017,7 +1026,11 @@ impl Store for RedisStore {
         let mut calls = Vec::new();
         let mut owners: Vec<Vec<usize>> = Vec::new();
         for group in self.group_by_node(&keys) {
-            for chunk in group.chunks(SYNC_CHUNK) {
+            let per_call = match &self.backend {
+                Backend::Single(s) => s.opts.sync_chunk,
+                Backend::Cluster(c) => c.opts.sync_chunk,
+            };
+            for chunk in group.chunks(per_call.max(1)) {
                 calls.push(self.sync_call(proxy, chunk, ops, &keys, params));
                 owners.push(chunk.to_vec());
             }
@@ -1025,7 +1038,7 @@ impl Store for RedisStore {
         let mut out: Vec<ItemResult<SyncOutcome>> = (0..ops.len())
             .map(|_| Err(StoreError::Failed("no reply".into())))
             .collect();
-        for (r, owner) in self.run(calls, Lane::Bulk).await.into_iter().zip(owners) {
+        for (r, owner) in self.run(calls, Lane::Reports).await.into_iter().zip(owners) {
             match r {
                 Ok(Value::Array(items)) if items.len() == owner.len() => {
                     for (item, i) in items.into_iter().zip(owner) {
