@@ -422,7 +422,10 @@ async fn slots_migrating_under_traffic() {
 // A debug build cannot make this load on 2 cores with 3 Redis processes (its JSON work
 // alone takes longer than a report's deadline): `cargo test --release` runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(debug_assertions, ignore = "needs a release build: cargo test --release")]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "needs a release build: cargo test --release"
+)]
 async fn checks_are_not_starved_by_large_reports_on_a_cluster() {
     let cluster = RedisCluster::start();
     let s = Service::start(&["--redis-cluster", &cluster.seeds()]);
