@@ -10,8 +10,8 @@
 //!   `503` with an `ErrorBody`, and closed at once, so that a client learns it was
 //!   refused instead of waiting in the kernel's backlog behind connections that may
 //!   take a whole header timeout to go away.
-//! - **Header size**: hyper's read buffer is capped at `MAX_HEAD_BYTES`, so a request
-//!   head larger than that is refused (431) rather than buffered.
+//! - **Header size**: a request head (request line and headers) larger than
+//!   `MAX_HEAD_BYTES` is refused by hyper (431, connection closed) rather than buffered.
 //! - **Shutdown**: when `shutdown` resolves, no new connection is accepted, connections
 //!   with no request in the application (idle, or a head still arriving) are closed at
 //!   once, and in-flight requests get `grace` to finish and be answered.
@@ -70,7 +70,7 @@ pub async fn run(
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
+        .max_header_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // `stop` tells every connection to wind down; each holds a `done` sender, so the

@@ -90,6 +90,16 @@ async fn slow_or_idle_connections_are_closed() {
     assert!(got.contains(r#""error":"request_timeout""#), "{got}");
     assert!(took < Duration::from_millis(2000), "{took:?}");
 
+    // A head over 64 KiB is refused, not buffered.
+    let mut big = TcpStream::connect(&s.addr).await.unwrap();
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let _ = big.write_all(head.as_bytes()).await;
+    let (got, _) = read_to_close(&mut big, Duration::from_secs(5)).await;
+    assert!(got.starts_with("HTTP/1.1 431"), "{got:.200}");
+
     // The service is fine.
     assert_eq!(s.client.get("/healthz").await.unwrap().status, 200);
 }
