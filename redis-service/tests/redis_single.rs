@@ -433,16 +433,3 @@ async fn retry_after_and_reset_at_are_true_on_redis() {
         0.0
     );
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checks_are_not_starved_by_large_reports() {
-    let redis = RedisNode::start(false);
-    // The default deadlines: 50 ms per check, 1 s per report.
-    let s = Service::start(&["--redis-url", &redis.url()]);
-    check(&s.client, &uniq("warm"), "many", 1).await;
-    // Reports of 10 000 entries (the most a report may carry), one a second (each proxy
-    // reports once a second), for 8 s, with two checks in flight all along.
-    let u = checks_under_reports(&s.client, 1.0, 8.0, 2).await;
-    println!("one Redis node: {u:?}");
-    assert_checks_unharmed(&u);
-}
