@@ -2,8 +2,8 @@
 //!
 //! The core makes no host call itself: code that needs one takes an implementation of a
 //! trait here. The filter implements each trait once, with proxy-wasm host calls
-//! (`src/host.rs` of `meshlimit-filter`); the core's tests implement them in memory, with
-//! the failures and the concurrent writers a real proxy has injected on purpose.
+//! (`src/host.rs` of `meshlimit-filter`); the core's tests implement them in memory and
+//! inject, on purpose, the failures and the concurrent writers a real proxy produces.
 
 /// A compare-and-swap token: the version of a shared-data value when it was read.
 pub type Cas = u32;

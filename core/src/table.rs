@@ -265,7 +265,8 @@ where
             Attempt::Keep(outcome) => return Ok(outcome),
             Attempt::Store { len, outcome } => (len, outcome),
         };
-        match shared.set(key, &out[..len], cas) {
+        // An attempt cannot hand back more than the buffer holds.
+        match shared.set(key, &out[..len.min(WRITE_MAX)], cas) {
             Ok(()) => return Ok(outcome),
             Err(SharedDataError::CasMismatch) => continue,
             Err(SharedDataError::Other) => return Err(UpdateError::SharedData),

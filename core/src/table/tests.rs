@@ -407,6 +407,13 @@ fn update_keeps_or_stores_what_the_attempt_decides() {
     });
     assert_eq!(stored, Ok(0));
     assert_eq!(shared.value(key).unwrap(), b"abc");
+    // A length past the buffer is cut to it, not a panic in the VM.
+    let stored = update(&shared, key, |_, _| Attempt::Store {
+        len: WRITE_MAX + 10,
+        outcome: (),
+    });
+    assert_eq!(stored, Ok(()));
+    assert_eq!(shared.value(key).unwrap().len(), WRITE_MAX);
 }
 
 /// A take that evicted an active entry says so (the filter counts it); the test table
