@@ -293,7 +293,7 @@ pub struct Config {
     /// and finds its client key applies; if it has `continue`, so does the next one.
     pub rules: Vec<Rule>,
     pub headers: HeaderMode,
-    /// Sets of bucket entries kept in shared data (a power of two); see [`crate::slots`].
+    /// Sets of bucket entries kept in shared data (a power of two); see [`crate::table`].
     pub sets: u32,
 }
 
@@ -398,7 +398,7 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         rules,
         headers: raw.headers.unwrap_or_default(),
-        sets: crate::slots::sets_for(max_clients),
+        sets: crate::table::sets_for(max_clients),
     })
 }
 

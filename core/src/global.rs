@@ -2,7 +2,7 @@
 //! request-time decision of which share its bucket runs at.
 //!
 //! **Entry layout.** A global rule's entry is the local entry (`limits ‖ fingerprint ‖
-//! tat per limit`, see [`crate::slots`]) followed by a trailer of
+//! tat per limit`, see [`crate::table`]) followed by a trailer of
 //! [`trailer_len`]`(k) = 4·k + 16` bytes, little-endian:
 //!
 //! | bytes | field | meaning |

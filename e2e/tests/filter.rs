@@ -614,7 +614,7 @@ fn start_up_cost_of_max_clients() {
             let (s, heap) = measure(n);
             eprintln!(
                 "round {round}: max_clients {n:>9} ({:>7} sets): start-up {s:.2} s (+{:.2} s over 16), heap +{:.1} MB",
-                meshlimit_core::slots::sets_for(n),
+                meshlimit_core::table::sets_for(n),
                 s - base_s,
                 heap.saturating_sub(base_heap) as f64 / 1e6
             );

@@ -1,11 +1,12 @@
-//! The bucket table in Envoy shared data.
+//! The bucket table in shared data: its layout, its bound, and the compare-and-swap loop
+//! every request's token take goes through.
 //!
 //! Shared data has no TTL and no way to list keys, so the filter never creates a key per
 //! client. It keeps a fixed table of `sets` keys (`rl:<8 hex digits>`, a power of two
 //! derived from `max_clients`), each holding up to [`WAYS`] bucket entries: a
-//! set-associative cache. Every key is created once, empty, when the table is set up;
-//! afterwards every write is a compare-and-swap on an existing key, which is exact
-//! across workers (an insert is not: two inserts race and one is lost).
+//! set-associative cache. Every key is created once, empty, when the table is set up
+//! ([`create`]); afterwards every write is a compare-and-swap on an existing key, which
+//! is exact across workers (an insert is not: two inserts race and one is lost).
 //!
 //! **Memory bound**, by construction: at most `sets` keys, each value at most
 //! `WAYS × ENTRY_MAX` bytes, whatever the number of distinct clients.
@@ -13,7 +14,8 @@
 //! A (rule, client) hashes to a 64-bit fingerprint that picks one set. An entry is
 //! `limits count (1 byte) ‖ fingerprint (8) ‖ tat (8) per limit`. A request reads its
 //! set (one get), finds its entry or makes room for a fresh one, and writes the set
-//! back (one CAS) when its state changed. Room is found in this order:
+//! back (one CAS) when its state changed ([`take`]); a CAS that another worker's write
+//! beat reads and decides again ([`update`]). Room is found in this order:
 //! 1. a free way (the set holds fewer than `WAYS` entries);
 //! 2. an idle entry (all its buckets are full again: dropping it loses nothing);
 //! 3. the active entry closest to full is evicted: that client restarts from a full
@@ -21,7 +23,9 @@
 //!    expected load is 2 entries per 8-way set at `max_clients` active clients, and a
 //!    set overflows with probability P(Poisson(2) > 8) ≈ 2.4·10⁻⁴.
 
-use crate::config::MAX_LIMITS_PER_RULE;
+use crate::config::{Limit, MAX_LIMITS_PER_RULE};
+use crate::gcra::{self, Decision};
+use crate::host::{SharedData, SharedDataError};
 
 /// Entries per set.
 pub const WAYS: usize = 8;
@@ -198,6 +202,132 @@ pub fn write<'a>(
     out[len..len + tail.len()].copy_from_slice(tail);
     len += tail.len();
     &out[..len]
+}
+
+/// Past this many CAS mismatches in one update the caller stops trying: it only happens
+/// under extreme contention on one set.
+pub const MAX_CAS_ATTEMPTS: usize = 64;
+
+/// Creates every set key of a table of `sets` keys, empty, unless already done (by
+/// another VM of this proxy: the marker key says so). After this every bucket write is a
+/// CAS on an existing key.
+pub fn create<S: SharedData + ?Sized>(shared: &S, sets: u32) {
+    let marker = init_marker_key(sets);
+    if let Ok((_, Some(_))) = shared.get(&marker) {
+        return;
+    }
+    let _ = shared.set(&marker, b"1", None);
+    let mut key = [0u8; KEY_LEN];
+    for set in 0..sets {
+        let key = set_key(set, &mut key);
+        if let Ok((None, None)) = shared.get(key) {
+            let _ = shared.set(key, &[], None);
+        }
+    }
+}
+
+/// What one attempt of an [`update`] decided, from the set value it was shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt<R> {
+    /// Nothing to write: `R` stands as it is.
+    Keep(R),
+    /// Store the first `len` bytes of the output buffer; `R` stands once that CAS holds.
+    Store { len: usize, outcome: R },
+}
+
+/// Why an [`update`] decided nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateError {
+    /// Every one of [`MAX_CAS_ATTEMPTS`] attempts lost its CAS to another writer.
+    Contended,
+    /// Shared data failed a read or a write (other than a CAS mismatch).
+    SharedData,
+}
+
+/// Read-decide-write of one set key, exact across workers: reads the value and its CAS
+/// token (one get), lets `attempt` decide from the value (writing a new one into the
+/// buffer it is given), and stores it with that token (one CAS). When another writer
+/// stored the key in between, the CAS is refused and the whole attempt runs again on
+/// the fresh value, so a decision never rests on state someone else already changed.
+pub fn update<S, R>(
+    shared: &S,
+    key: &str,
+    mut attempt: impl FnMut(&[u8], &mut [u8; WRITE_MAX]) -> Attempt<R>,
+) -> Result<R, UpdateError>
+where
+    S: SharedData + ?Sized,
+{
+    let mut out = [0u8; WRITE_MAX];
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (value, cas) = shared.get(key).map_err(|_| UpdateError::SharedData)?;
+        let value = value.unwrap_or_default();
+        let (len, outcome) = match attempt(&value, &mut out) {
+            Attempt::Keep(outcome) => return Ok(outcome),
+            Attempt::Store { len, outcome } => (len, outcome),
+        };
+        // An attempt cannot hand back more than the buffer holds.
+        match shared.set(key, &out[..len.min(WRITE_MAX)], cas) {
+            Ok(()) => return Ok(outcome),
+            Err(SharedDataError::CasMismatch) => continue,
+            Err(SharedDataError::Other) => return Err(UpdateError::SharedData),
+        }
+    }
+    Err(UpdateError::Contended)
+}
+
+/// A token taken (or refused) by [`take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub decision: Decision,
+    /// Storing this client's entry evicted another client's active entry (the table is
+    /// too small for the clients it sees).
+    pub evicted_active: bool,
+}
+
+/// Takes one token from every limit (the first [`MAX_LIMITS_PER_RULE`]) of the client
+/// with `fingerprint`, in a table of `sets` sets: one get and, when the request is
+/// admitted, one CAS per attempt. A refusal writes nothing (except once after the clock
+/// went backwards, see [`gcra::check`]).
+pub fn take<S: SharedData + ?Sized>(
+    shared: &S,
+    limits: &[Limit],
+    fingerprint: u64,
+    sets: u32,
+    now: u64,
+) -> Result<Taken, UpdateError> {
+    let limits = &limits[..limits.len().min(MAX_LIMITS_PER_RULE)];
+    let mut key = [0u8; KEY_LEN];
+    let key = set_key(set_of(fingerprint, sets), &mut key);
+    update(shared, key, |value, out| {
+        let mut tats = [0u64; MAX_LIMITS_PER_RULE];
+        let tats = &mut tats[..limits.len()];
+        let place = find(value, fingerprint, tats, now);
+        if !matches!(place, Place::Found { .. }) {
+            tats.fill(0);
+        }
+        let decision = gcra::check(limits, tats, now, 1);
+        if !decision.changed {
+            return Attempt::Keep(Taken {
+                decision,
+                evicted_active: false,
+            });
+        }
+        let len = write(value, place, fingerprint, tats, out).len();
+        let evicted_active = matches!(
+            place,
+            Place::Replace {
+                evicts_active: true,
+                ..
+            }
+        );
+        Attempt::Store {
+            len,
+            outcome: Taken {
+                decision,
+                evicted_active,
+            },
+        }
+    })
 }
 
 #[cfg(test)]
