@@ -49,12 +49,33 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// Every refusal is built here. Field names, map keys and enum values in the path and
+    /// the reason come from the configuration itself (serde quotes an unknown field as
+    /// written), so control characters are escaped: a refusal stays the one log line the
+    /// filter writes, and a configuration cannot forge further lines in the proxy log.
     fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError {
-            path: path.into(),
-            reason: reason.into(),
+            path: one_line(path.into()),
+            reason: one_line(reason.into()),
         }
     }
+}
+
+/// `s` with each control character (`\n`, `\r`, ESC, U+0085, ...) written as its Rust
+/// escape (`\n`, `\u{1b}`); unchanged, without a copy, when it holds none.
+fn one_line(s: String) -> String {
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl fmt::Display for ConfigError {

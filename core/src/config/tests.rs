@@ -482,3 +482,34 @@ fn continue_and_case_sensitive() {
         "rules[7].continue: 8 rules have \"continue\": at most 7 may, so that at most 8 rules apply to one request"
     );
 }
+
+/// Found by fuzzing (`fuzz/corpus/config/crash-d2d9cc75…`, minimized here): serde quotes
+/// an unknown field or variant as written, and map keys end up in the field path, so a
+/// configuration could put a line break (or an escape sequence) into the one log line a
+/// refusal is. Control characters are escaped instead.
+#[test]
+fn refusals_are_one_line_whatever_the_configuration_holds() {
+    for (json, path) in [
+        (r#"{"\n":0}"#, "\\n"),
+        (
+            r#"{"rules":[],"x\r\nconfigured 0 rules":1}"#,
+            "x\\r\\nconfigured 0 rules",
+        ),
+        (r#"{"rules":[],"headers":"ietf\n"}"#, "headers"),
+        (r#"{"rules":[],"\u001b[2J":1}"#, "\\u{1b}[2J"),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/","headers":{"x\ny":"v"}},"limits":[{"window":"1m","max":1}]}]}"#,
+            "rules[0].match.headers.x\\ny",
+        ),
+        (r#"{"rules":[],"\u0085":1}"#, "\\u{85}"),
+    ] {
+        let e = parse(json.as_bytes()).unwrap_err();
+        let line = e.to_string();
+        assert!(!line.chars().any(char::is_control), "{json}: {line:?}");
+        assert_eq!(e.path, path, "{json}: {line}");
+    }
+    // The first input the fuzzer found, as it found it.
+    let found = b"{\"\\n\"\n  \"rules\": [\n    {\"id\": \"login_key\"}]}";
+    let line = parse(found).unwrap_err().to_string();
+    assert!(line.starts_with("\\n: unknown field `\\n`"), "{line}");
+}
