@@ -4,13 +4,19 @@
 #
 #   redis-service/bench.sh [seconds]          (default 10 s per run)
 #
-# Env: CHECK_CONC (default 4), SYNC_CONC (default 4), SYNC_BATCH (default 1000).
+# Env: CHECK_CONC (default 4), SYNC_CONC (default 4), SYNC_BATCH (default 1000),
+#      MIXED_RATES (default "1 5 10": reports per second of MIXED_BATCH entries, default
+#      10 000, sent while checks run; one run per rate, against each Redis store),
+#      ONLY ("memory", "redis", "cluster": run that store only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-10}"
 CHECK_CONC="${CHECK_CONC:-4}"
 SYNC_CONC="${SYNC_CONC:-4}"
 SYNC_BATCH="${SYNC_BATCH:-1000}"
+MIXED_RATES="${MIXED_RATES:-1 5 10}"
+MIXED_BATCH="${MIXED_BATCH:-10000}"
+ONLY="${ONLY:-}"
 scripts/install-redis.sh >/dev/null
 cargo build --release -p meshlimit-service --bins >/dev/null 2>&1 || cargo build --release -p meshlimit-service --bins
 BIN=target/release/meshlimit-service
@@ -65,16 +71,33 @@ run() { # label
   "$BENCH" --url "$SVC_URL" --token bench-token --mode sync --seconds "$SECS" --concurrency "$SYNC_CONC" --batch "$SYNC_BATCH" --clients 1000000
 }
 
-start_service
-run "in-memory store"
+mixed() { # checks while large reports run, one line per report rate (service defaults)
+  start_service "$@"
+  for rate in $MIXED_RATES; do
+    "$BENCH" --url "$SVC_URL" --token bench-token --mode mixed --seconds "$SECS" --concurrency "$CHECK_CONC" \
+      --clients 1000000 --batch "$MIXED_BATCH" --report-rate "$rate"
+  done
+}
 
-P1=$(free_port); start_redis "$P1"
-start_service --redis-url "redis://127.0.0.1:$P1"
-run "one Redis node"
-echo "   Redis used_memory: $(redis-cli -p "$P1" info memory | grep '^used_memory_human' | tr -d '\r'), keys: $(redis-cli -p "$P1" dbsize)"
+if [ -z "$ONLY" ] || [ "$ONLY" = memory ]; then
+  start_service --max-reports-in-flight "$SYNC_CONC"
+  run "in-memory store"
+fi
+
+if [ -z "$ONLY" ] || [ "$ONLY" = redis ]; then
+  P1=$(free_port); start_redis "$P1"
+  start_service --redis-url "redis://127.0.0.1:$P1" --max-reports-in-flight "$SYNC_CONC"
+  run "one Redis node"
+  mixed --redis-url "redis://127.0.0.1:$P1"
+  echo "   Redis used_memory: $(redis-cli -p "$P1" info memory | grep '^used_memory_human' | tr -d '\r'), keys: $(redis-cli -p "$P1" dbsize)"
+  echo "   Redis $(redis-cli -p "$P1" info commandstats | grep -E '^cmdstat_evalsha' | tr -d '\r')"
+fi
+[ -n "$ONLY" ] && [ "$ONLY" != cluster ] && exit 0
 
 C=(); for _ in 1 2 3; do p=$(free_port); start_redis "$p" cluster; C+=("$p"); done
 redis-cli --cluster create "127.0.0.1:${C[0]}" "127.0.0.1:${C[1]}" "127.0.0.1:${C[2]}" --cluster-replicas 0 --cluster-yes >/dev/null
 for _ in $(seq 100); do redis-cli -p "${C[0]}" cluster info | grep -q cluster_state:ok && break; sleep 0.1; done
-start_service --redis-cluster "redis://127.0.0.1:${C[0]},redis://127.0.0.1:${C[1]},redis://127.0.0.1:${C[2]}"
+SEEDS="redis://127.0.0.1:${C[0]},redis://127.0.0.1:${C[1]},redis://127.0.0.1:${C[2]}"
+start_service --redis-cluster "$SEEDS" --max-reports-in-flight "$SYNC_CONC"
 run "Redis Cluster, 3 masters"
+mixed --redis-cluster "$SEEDS"

@@ -13,7 +13,8 @@
 //! Client keys on the wire are fingerprints (16 hex digits of [`crate::hash`]), never raw
 //! API keys; the companion hashes them once more before they become Redis keys.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Most entries one sync may carry.
 pub const MAX_SYNC_ENTRIES: usize = 10_000;
@@ -25,10 +26,59 @@ pub const MAX_CLIENT_ID_LEN: usize = 1024;
 pub const MAX_HITS: u64 = 1_000_000;
 pub const MAX_PROXY_ID_LEN: usize = 128;
 pub const MAX_ZONE_LEN: usize = 64;
-pub const MAX_KEY_LEN: usize = 64;
+/// A sync `key` is a client fingerprint: exactly this many lower-case hex digits.
+pub const KEY_HEX_DIGITS: usize = 16;
+
+/// serde's derive reads a struct from a JSON array as well as from an object (fields by
+/// position), so `["envoy-a","",1000,[]]` would pass for a report. Every wire type here
+/// is an object and nothing else: each derives with `#[serde(remote = "Self")]`, which
+/// turns the derived code into inherent functions, and the trait impls below call them
+/// through [`ObjectOnly`], which asks the format for a map where the derive asks for a
+/// struct. Nested types go through their own impls, so the rule holds at every depth.
+macro_rules! object_only {
+    ($($t:ty),* $(,)?) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <$t>::deserialize(ObjectOnly(d))
+            }
+        }
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                <$t>::serialize(self, s)
+            }
+        }
+    )*};
+}
+
+/// A deserializer that reads a struct only from a map (see [`object_only!`]).
+struct ObjectOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(v)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(v)
+    }
+
+    // The derive calls only `deserialize_struct` on it.
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+        identifier ignored_any
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct SyncRequest {
     /// Stable id of the reporting Envoy (e.g. pod name).
     pub proxy_id: String,
@@ -42,7 +92,7 @@ pub struct SyncRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct SyncEntry {
     pub rule: String,
     /// Client fingerprint, 16 lower-case hex digits.
@@ -60,7 +110,7 @@ pub struct SyncEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct SyncResponse {
     /// One per request entry, in the same order.
     pub entries: Vec<SyncGrant>,
@@ -72,7 +122,7 @@ pub struct SyncResponse {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct SyncGrant {
     pub rule: String,
     pub key: String,
@@ -89,7 +139,7 @@ pub struct SyncGrant {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct CheckRequest {
     pub client_id: String,
     pub rule_id: String,
@@ -99,6 +149,7 @@ pub struct CheckRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct CheckResponse {
     pub allowed: bool,
     pub remaining: u64,
@@ -113,11 +164,36 @@ pub struct CheckResponse {
 
 /// Every 4xx/5xx body of the companion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct ErrorBody {
     /// Short machine-readable code, e.g. `bad_request`, `unknown_rule`, `unauthorized`.
     pub error: String,
     /// What was wrong, naming the field.
     pub detail: String,
+}
+
+object_only!(
+    SyncRequest,
+    SyncEntry,
+    SyncResponse,
+    SyncGrant,
+    CheckRequest,
+    CheckResponse,
+    ErrorBody,
+);
+
+/// A rule id as the plugin configuration allows them (`[A-Za-z0-9_.-]`, 1..=64 bytes):
+/// a report names the filter's own rules, so anything else is not from a filter.
+fn valid_rule_id(id: &str) -> bool {
+    (1..=crate::config::MAX_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// A client fingerprint as the filter writes it: 16 lower-case hex digits.
+pub fn valid_key(key: &str) -> bool {
+    key.len() == KEY_HEX_DIGITS && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl SyncRequest {
@@ -145,11 +221,13 @@ impl SyncRequest {
 impl SyncEntry {
     pub fn validate(&self) -> Result<(), String> {
         use crate::config::{Limit, MAX_COUNT, MAX_WINDOW_SECS};
-        if self.rule.is_empty() || self.rule.len() > crate::config::MAX_ID_LEN {
-            return Err("rule: must be 1..=64 bytes".into());
+        if !valid_rule_id(&self.rule) {
+            return Err("rule: must be 1..=64 characters of [A-Za-z0-9_.-]".into());
         }
-        if self.key.is_empty() || self.key.len() > MAX_KEY_LEN {
-            return Err(format!("key: must be 1..={MAX_KEY_LEN} bytes"));
+        if !valid_key(&self.key) {
+            return Err(format!(
+                "key: must be {KEY_HEX_DIGITS} lower-case hex digits (a client fingerprint)"
+            ));
         }
         if self.window_secs == 0 || self.window_secs > MAX_WINDOW_SECS {
             return Err(format!("window_secs: out of range 1..={MAX_WINDOW_SECS}"));
@@ -229,6 +307,72 @@ mod tests {
             .starts_with("entries: 10001 entries"));
         let unknown = r#"{"proxy_id":"a","span_ms":1,"entries":[],"extra":1}"#;
         assert!(serde_json::from_str::<SyncRequest>(unknown).is_err());
+    }
+
+    #[test]
+    fn sync_key_and_rule_formats() {
+        let entry = |rule: &str, key: &str| SyncEntry {
+            rule: rule.into(),
+            key: key.into(),
+            window_secs: 60,
+            max: 100,
+            burst: None,
+            admitted: 1,
+            rejected: 0,
+        };
+        assert!(entry("api.v1_x-y", "0123456789abcdef").validate().is_ok());
+        for key in [
+            "",
+            "0123456789abcde",
+            "0123456789abcdef0",
+            "0123456789ABCDEF",
+            "0123456789abcdeg",
+            "0123456789abcd\0f",
+            " 123456789abcdef",
+            "0x23456789abcdef",
+        ] {
+            let e = entry("api", key).validate().unwrap_err();
+            assert!(
+                e.starts_with("key: must be 16 lower-case hex"),
+                "{key:?}: {e}"
+            );
+        }
+        for rule in ["", "a\0", "a b", "a{b}", "ü", &"r".repeat(65)] {
+            let e = entry(rule, "0123456789abcdef").validate().unwrap_err();
+            assert!(e.starts_with("rule: "), "{rule:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn objects_only_never_arrays() {
+        // Fields by position would otherwise be accepted, at any depth.
+        let top = r#"["envoy-a","",1000,[]]"#;
+        let e = serde_json::from_str::<SyncRequest>(top)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type: sequence"), "{e}");
+        let nested = r#"{"proxy_id":"a","span_ms":1,"entries":[["api","0123456789abcdef",60,100,null,1,0]]}"#;
+        let e = serde_json::from_str::<SyncRequest>(nested)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type: sequence"), "{e}");
+        let check = r#"["client","rule",1]"#;
+        assert!(serde_json::from_str::<CheckRequest>(check).is_err());
+        for t in [r#"[[],1,false]"#, r#"[true,1,2,3,null]"#] {
+            assert!(serde_json::from_str::<SyncResponse>(t).is_err(), "{t}");
+            assert!(serde_json::from_str::<CheckResponse>(t).is_err(), "{t}");
+        }
+        assert!(serde_json::from_str::<ErrorBody>(r#"["a","b"]"#).is_err());
+        // Objects still work both ways, and a field given twice is refused.
+        let ok = r#"{"client_id":"c","rule_id":"r","hits":2}"#;
+        let c: CheckRequest = serde_json::from_str(ok).unwrap();
+        assert_eq!(c.hits, Some(2));
+        assert_eq!(serde_json::to_string(&c).unwrap(), ok);
+        let dup = r#"{"client_id":"c","rule_id":"r","client_id":"d"}"#;
+        let e = serde_json::from_str::<CheckRequest>(dup)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate field `client_id`"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,8 @@
 -- KEYS[1]  the first entry's key (declared for routing)
 -- ARGV     proxy_id, ttl_ms, floor, max_peers, headroom, then per entry:
 --          key, window_secs, max, admitted, rate (req/s)
--- Returns  per entry {used, remaining, reset_at (unix s), grant * 1e9 (floored)}
+-- Returns  per entry {used, remaining, reset_at (unix s: the count back to 0),
+--          grant * 1e9 (floored)}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local now_ms = math.floor(now * 1000)
@@ -119,6 +120,13 @@ for e = 1, n_entries do
     redis.call('HSET', key, 'i', idx, 'c', c, 'p', p)
   end
   redis.call('PEXPIRE', key, math.max(w * 2000, ttl * 2))
-  out[e] = {used, remaining, (idx + 1) * w, math.floor(grant * 1000000000)}
+  -- reset_at: when the global estimate is back to 0 (see sliding_window.lua).
+  local reset = math.ceil(now)
+  if c > 0 then
+    reset = (idx + 2) * w
+  elseif p > 0 then
+    reset = (idx + 1) * w
+  end
+  out[e] = {used, remaining, reset, math.floor(grant * 1000000000)}
 end
 return out

@@ -6,6 +6,10 @@
 -- ARGV[1]  hits; ARGV[2] force ("1": take the tokens even when short, reconciling);
 --          then window_secs, max, burst for each key.
 -- Returns  {allowed, tightest (0-based), remaining, reset_at (unix s), retry_after_ms}
+--          tightest: admitted, the limit with the fewest left; refused, the limit that
+--          takes longest to let this request through (ties: the longer window).
+--          reset_at: when the tightest bucket is full again (its timestamp, rounded up).
+--          retry_after_ms (refused): when this same request fits; rounded up.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local hits = tonumber(ARGV[1])
@@ -28,16 +32,18 @@ for k = 1, n do
   local new = start + hits * interval
   -- 1 us of slack absorbs float rounding of fractional intervals.
   local fits = new <= horizon + 1
+  local wait = 0
   if not fits then
     allowed = false
-    if new - horizon > retry then retry = new - horizon end
+    wait = new - horizon
+    if wait > retry then retry = wait end
   end
-  st[k] = {w, interval, horizon, start, new}
+  st[k] = {w, interval, horizon, start, new, wait}
 end
-local best_rem, best_w, best_k, best_reset = nil, 0, 0, 0
+local best, best_w, best_k, best_rem, best_reset = nil, 0, 0, 0, 0
 for k = 1, n do
   local s = st[k]
-  local w, interval, horizon, start, new = s[1], s[2], s[3], s[4], s[5]
+  local w, interval, horizon, start, new, wait = s[1], s[2], s[3], s[4], s[5], s[6]
   local after = start
   if allowed or force then
     after = math.min(new, horizon)
@@ -47,9 +53,11 @@ for k = 1, n do
     end
   end
   local rem = math.max(0, math.floor((horizon - after) / interval + 1e-9))
-  local reset = math.ceil(after / 1000000)
-  if best_rem == nil or rem < best_rem or (rem == best_rem and w > best_w) then
-    best_rem, best_w, best_k, best_reset = rem, w, k - 1, reset
+  local reset = math.ceil(math.max(after, now) / 1000000)
+  local key = rem
+  if not allowed then key = -wait end
+  if best == nil or key < best or (key == best and w > best_w) then
+    best, best_w, best_k, best_rem, best_reset = key, w, k - 1, rem, reset
   end
 end
 local ok = 0

@@ -57,12 +57,30 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, String> {
+        self.request_with(method, path, &[], body).await
+    }
+
+    /// A request with `headers` added; a `content-type` or `authorization` among them
+    /// replaces the default one (JSON, and the client's token).
+    pub async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, String> {
+        let has = |name: &str| headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(name));
         let mut b = Request::builder()
             .method(method)
-            .uri(format!("{}{}", self.base, path))
-            .header("content-type", "application/json");
-        if let Some(t) = &self.token {
+            .uri(format!("{}{}", self.base, path));
+        if !has("content-type") {
+            b = b.header("content-type", "application/json");
+        }
+        if let (Some(t), false) = (&self.token, has("authorization")) {
             b = b.header("authorization", format!("Bearer {t}"));
+        }
+        for (h, v) in headers {
+            b = b.header(*h, *v);
         }
         let req = b
             .body(Full::new(Bytes::from(body.unwrap_or_default())))

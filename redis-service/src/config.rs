@@ -140,10 +140,40 @@ pub struct Config {
     #[arg(long, env = "ML_SHARE_HEADROOM", default_value_t = 0.0)]
     pub share_headroom: f64,
 
-    /// Most reconciliation entries kept while degraded; past it the oldest are dropped
-    /// and counted in `meshlimit_reconcile_dropped_total`.
+    /// Most reconciliation entries (counts owed to the store) kept while degraded; past
+    /// it the entry charged least recently is dropped, counted in
+    /// `meshlimit_reconcile_dropped_total`.
     #[arg(long, env = "ML_MAX_PENDING", default_value_t = 1_000_000)]
     pub max_pending: usize,
+
+    /// A connection must send a complete request head (request line and headers) within
+    /// this many milliseconds of being ready for one (accepted, or its previous response
+    /// sent), else it is closed: bounds slow headers and idle keep-alive connections.
+    #[arg(long, env = "ML_HEADER_TIMEOUT_MS", default_value_t = 5000)]
+    pub header_timeout_ms: u64,
+
+    /// Longest a client may take to send a request body (up to 4 MiB); past it 408.
+    #[arg(long, env = "ML_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+
+    /// Most client connections open at once; one more is answered 503 and closed.
+    #[arg(long, env = "ML_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Threads that parse and run `/v1/sync` reports, apart from the workers that
+    /// answer checks (so a large report never holds up a check).
+    #[arg(long, env = "ML_REPORT_WORKERS", default_value_t = 1)]
+    pub report_workers: usize,
+
+    /// Reports (`/v1/sync`) handled at once; one more is answered 503 (`overloaded`,
+    /// `Retry-After: 1`) without being read.
+    #[arg(long, env = "ML_MAX_REPORTS_IN_FLIGHT", default_value_t = 2)]
+    pub max_reports_in_flight: usize,
+
+    /// Sync entries per script call (see `SYNC_CHUNK` in `src/store/redis.rs`); for
+    /// measuring the trade-off, not for tuning in production.
+    #[arg(long, env = "ML_SYNC_ENTRIES_PER_CALL", default_value_t = crate::store::redis::SYNC_CHUNK, hide = true)]
+    pub sync_entries_per_call: usize,
 
     /// Seconds to wait for in-flight requests on SIGTERM before exiting.
     #[arg(long, env = "ML_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
@@ -173,6 +203,21 @@ impl Config {
         }
         if !(0.0..=0.5).contains(&self.share_headroom) {
             return Err("--share-headroom: must be in [0, 0.5]".into());
+        }
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err("--header-timeout-ms / --body-timeout-ms: must be > 0".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections: must be > 0".into());
+        }
+        if !(1..=1000).contains(&self.sync_entries_per_call) {
+            return Err("--sync-entries-per-call: must be in 1..=1000".into());
+        }
+        if self.max_reports_in_flight == 0 {
+            return Err("--max-reports-in-flight: must be > 0".into());
+        }
+        if self.report_workers == 0 {
+            return Err("--report-workers: must be > 0".into());
         }
         if self.share_ttl_ms == 0 {
             return Err("--share-ttl-ms: must be > 0".into());

@@ -10,6 +10,9 @@
 //! Everything admitted while degraded is added to a bounded pending table. A probe pings
 //! the store every `--probe-interval-ms`; when it answers, the pending counts are written
 //! with forced (count-even-if-over) script calls, and only then is degraded cleared.
+//!
+//! When the table is full, the entry charged least recently is dropped to make room
+//! (see [`PendingTable`]).
 
 use crate::config::{Algorithm, FailMode};
 use crate::metrics::Metrics;
@@ -17,9 +20,10 @@ use crate::shares::ShareParams;
 use crate::store::memory::{now_us, MemoryStore};
 use crate::store::{CheckOp, CheckOutcome, Store, StoreLimit, SyncOp, SyncOutcome};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// What a degraded decision still has to add to the store.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -29,13 +33,105 @@ pub struct PendingKey {
     pub limits: Vec<StoreLimit>,
 }
 
+/// Counts owed to the store, at most `max` entries. Full, it drops the entry charged
+/// least recently: a count only matters while its window (sliding window: two windows;
+/// token bucket: until the bucket refills) is still open, so the stalest debt is the one
+/// most likely to be worthless already, and the table keeps following the traffic of
+/// the outage's last minutes rather than freezing on whichever clients came first (a
+/// burst of fresh client ids at the start would otherwise make every later debt the one
+/// dropped).
+pub struct PendingTable {
+    max: usize,
+    /// Owed hits and the stamp of the last charge.
+    owed: HashMap<Arc<PendingKey>, (u64, u64)>,
+    /// Last-charge stamp -> key, oldest first.
+    by_age: BTreeMap<u64, Arc<PendingKey>>,
+    next_stamp: u64,
+}
+
+impl PendingTable {
+    pub fn new(max: usize) -> Self {
+        PendingTable {
+            max,
+            owed: HashMap::new(),
+            by_age: BTreeMap::new(),
+            next_stamp: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.owed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owed.is_empty()
+    }
+
+    /// Adds `hits` to `key`; returns how many entries were dropped to make room (0 or 1).
+    pub fn charge(&mut self, key: PendingKey, hits: u64) -> u64 {
+        if self.max == 0 {
+            return 1;
+        }
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        if let Some((owed, last)) = self.owed.get_mut(&key) {
+            *owed = owed.saturating_add(hits);
+            let k = self.by_age.remove(last).expect("every entry has an age");
+            *last = stamp;
+            self.by_age.insert(stamp, k);
+            return 0;
+        }
+        let mut dropped = 0;
+        if self.owed.len() >= self.max {
+            if let Some((_, oldest)) = self.by_age.pop_first() {
+                self.owed.remove(&oldest);
+                dropped = 1;
+            }
+        }
+        let key = Arc::new(key);
+        self.owed.insert(key.clone(), (hits, stamp));
+        self.by_age.insert(stamp, key);
+        dropped
+    }
+
+    /// Everything owed, oldest charge first; the table is left empty.
+    pub fn drain(&mut self) -> Vec<(PendingKey, u64)> {
+        let by_age = std::mem::take(&mut self.by_age);
+        let mut owed = std::mem::take(&mut self.owed);
+        by_age
+            .into_values()
+            .filter_map(|k| {
+                let (hits, _) = owed.remove(&k)?;
+                Some((Arc::try_unwrap(k).unwrap_or_else(|k| (*k).clone()), hits))
+            })
+            .collect()
+    }
+
+    pub fn get(&self, key: &PendingKey) -> Option<u64> {
+        self.owed.get(key).map(|&(h, _)| h)
+    }
+}
+
 pub struct Fallback {
     pub mode: FailMode,
     pub share: f64,
     local: MemoryStore,
+    /// Read on every request; written only together with `log`.
     degraded: AtomicBool,
-    pending: Mutex<HashMap<PendingKey, u64>>,
-    max_pending: usize,
+    log: Mutex<DegradedLog>,
+    pending: Mutex<PendingTable>,
+}
+
+/// Degraded periods, kept as counters so that a period shorter than a scrape interval
+/// still shows (`meshlimit_degraded_transitions_total`, `..._seconds_total`).
+#[derive(Default)]
+struct DegradedLog {
+    since: Option<Instant>,
+    /// Time spent degraded in periods that have ended.
+    total: Duration,
+    transitions: u64,
+    /// Why: the store error that started the period, or the latest probe failure.
+    reason: String,
 }
 
 impl Fallback {
@@ -45,8 +141,8 @@ impl Fallback {
             share,
             local,
             degraded: AtomicBool::new(false),
-            pending: Mutex::new(HashMap::new()),
-            max_pending,
+            log: Mutex::new(DegradedLog::default()),
+            pending: Mutex::new(PendingTable::new(max_pending)),
         }
     }
 
@@ -54,9 +150,51 @@ impl Fallback {
         self.degraded.load(Ordering::Acquire)
     }
 
-    /// Returns true when this call flipped the state.
-    pub fn set_degraded(&self, d: bool) -> bool {
-        self.degraded.swap(d, Ordering::AcqRel) != d
+    /// Enters degraded mode because of `reason`; true when this call flipped the state.
+    pub fn enter_degraded(&self, reason: &str) -> bool {
+        let mut log = self.log.lock();
+        if self.degraded.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        log.since = Some(Instant::now());
+        log.transitions += 1;
+        log.reason = reason.to_string();
+        true
+    }
+
+    /// Leaves degraded mode; true when this call flipped the state.
+    pub fn leave_degraded(&self) -> bool {
+        let mut log = self.log.lock();
+        if !self.degraded.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        if let Some(t) = log.since.take() {
+            log.total += t.elapsed();
+        }
+        true
+    }
+
+    /// While degraded, records the latest reason the store is still not usable (a
+    /// probe's error), so `/readyz` tells the current one.
+    pub fn still_degraded(&self, reason: &str) {
+        let mut log = self.log.lock();
+        if self.is_degraded() {
+            log.reason = reason.to_string();
+        }
+    }
+
+    /// Why the service is degraded (empty when it is not).
+    pub fn reason(&self) -> Option<(String, Duration)> {
+        let log = self.log.lock();
+        log.since.map(|t| (log.reason.clone(), t.elapsed()))
+    }
+
+    /// Transitions into degraded mode, and seconds spent there (the current period
+    /// included), since start.
+    pub fn degraded_totals(&self) -> (u64, f64) {
+        let log = self.log.lock();
+        let open = log.since.map_or(Duration::ZERO, |t| t.elapsed());
+        (log.transitions, (log.total + open).as_secs_f64())
     }
 
     pub fn pending_len(&self) -> usize {
@@ -73,13 +211,9 @@ impl Fallback {
     }
 
     fn owe(&self, key: PendingKey, hits: u64, m: &Metrics) {
-        let mut p = self.pending.lock();
-        if let Some(v) = p.get_mut(&key) {
-            *v = v.saturating_add(hits);
-        } else if p.len() < self.max_pending {
-            p.insert(key, hits);
-        } else {
-            m.reconcile_dropped.fetch_add(1, Ordering::Relaxed);
+        let dropped = self.pending.lock().charge(key, hits);
+        if dropped > 0 {
+            m.reconcile_dropped.fetch_add(dropped, Ordering::Relaxed);
         }
     }
 
@@ -179,10 +313,7 @@ impl Fallback {
         deadline: Duration,
         m: &Metrics,
     ) -> Result<usize, String> {
-        let items: Vec<(PendingKey, u64)> = {
-            let mut p = self.pending.lock();
-            p.drain().collect()
-        };
+        let items: Vec<(PendingKey, u64)> = self.pending.lock().drain();
         let total = items.len();
         let mut failed: Vec<(PendingKey, u64)> = Vec::new();
         for algo in [Algorithm::SlidingWindow, Algorithm::TokenBucket] {
@@ -237,5 +368,88 @@ fn closed(_op: &CheckOp) -> CheckOutcome {
         remaining: 0,
         reset_at: (now_us() / 1e6) as u64 + 1,
         retry_after_ms: 1000,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u32) -> PendingKey {
+        PendingKey {
+            algo: Algorithm::SlidingWindow,
+            tag: format!("c.r.{n}"),
+            limits: vec![StoreLimit {
+                window_secs: 60,
+                max: 10,
+                burst: 10,
+            }],
+        }
+    }
+
+    #[test]
+    fn full_table_drops_the_entry_charged_least_recently() {
+        let mut t = PendingTable::new(3);
+        assert_eq!(t.charge(key(1), 1), 0);
+        assert_eq!(t.charge(key(2), 2), 0);
+        assert_eq!(t.charge(key(3), 3), 0);
+        // Charging 1 again makes it the most recent: 2 is now the oldest.
+        assert_eq!(t.charge(key(1), 10), 0);
+        assert_eq!(t.charge(key(4), 4), 1);
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t.get(&key(2)),
+            None,
+            "the least recently charged is dropped"
+        );
+        assert_eq!(t.get(&key(1)), Some(11));
+        assert_eq!(t.charge(key(5), 5), 1);
+        assert_eq!(t.get(&key(3)), None);
+        // Oldest charge first, and the table is empty afterwards.
+        let drained = t.drain();
+        assert_eq!(
+            drained
+                .iter()
+                .map(|(k, h)| (k.tag.as_str(), *h))
+                .collect::<Vec<_>>(),
+            [("c.r.1", 11), ("c.r.4", 4), ("c.r.5", 5)]
+        );
+        assert!(t.is_empty());
+        assert_eq!(t.charge(key(6), 1), 0);
+        assert_eq!(
+            PendingTable::new(0).charge(key(1), 1),
+            1,
+            "size 0 keeps nothing"
+        );
+    }
+
+    #[test]
+    fn fallback_counts_what_it_drops() {
+        let f = Fallback::new(
+            FailMode::Fallback,
+            1.0,
+            MemoryStore::new(crate::keys::KeyMaker::new("ml", b"k"), 1000),
+            2,
+        );
+        let m = Metrics::default();
+        for n in 0..5 {
+            let op = CheckOp {
+                tag: format!("c.r.{n}"),
+                limits: key(n).limits,
+                hits: 1,
+                force: false,
+            };
+            assert!(f.check(Algorithm::SlidingWindow, &op, &m).0.allowed);
+        }
+        assert_eq!(f.pending_len(), 2);
+        assert_eq!(m.reconcile_dropped.load(Ordering::Relaxed), 3);
+        let left: Vec<String> = f
+            .pending
+            .lock()
+            .drain()
+            .into_iter()
+            .map(|(k, _)| k.tag)
+            .collect();
+        assert_eq!(left, ["c.r.3", "c.r.4"], "the newest debts are kept");
     }
 }

@@ -1,24 +1,36 @@
-//! HTTP routes (axum). Bodies are read by hand (bounded, then parsed with field paths)
-//! so every refusal is a JSON `ErrorBody` naming the problem, never axum's plain text.
+//! HTTP routes (axum). Bodies go through one extractor, [`StrictJson`], so every
+//! refusal is a JSON `ErrorBody` naming the problem, and every other 4xx/5xx (a wrong
+//! method, an unknown path, ...) is given one by [`json_errors`] on the way out.
 
 use crate::auth::Auth;
 use crate::service::{ApiError, Service};
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use meshlimit_core::protocol::{CheckRequest, ErrorBody, SyncRequest, MAX_BODY_BYTES};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone)]
 pub struct AppState {
     pub svc: Arc<Service>,
     pub auth: Auth,
+    /// Where `/v1/sync` reports are parsed and run: a runtime of their own, so that a
+    /// 10 000-entry report's CPU work (JSON, key hashing, building script calls) never
+    /// sits on a worker that has checks waiting. `None` runs them in place (tests).
+    pub reports: Option<tokio::runtime::Handle>,
+    /// Longest a client may take to send a request body.
+    pub body_timeout: Duration,
+    /// Reports being read or run at once; one more is answered 503 before its body is
+    /// read, so reports that come faster than the store takes them do not pile up (in
+    /// memory, and in front of each other past their deadlines).
+    pub reports_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl IntoResponse for ApiError {
@@ -35,7 +47,13 @@ impl IntoResponse for ApiError {
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
-    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    json_bytes(
+        status,
+        serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec()),
+    )
+}
+
+fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -62,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .merge(protected)
         .fallback(|| async { ApiError::new(404, "not_found", "no such endpoint") })
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -69,11 +88,68 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let h = req
+/// Gives every 4xx/5xx that is not already JSON (axum's own 405, anything a layer
+/// answers) the `ErrorBody` shape, keeping its status and headers.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let r = next.run(req).await;
+    let status = r.status();
+    let is_json = r
         .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let (mut parts, _) = r.into_parts();
+    let detail = match status {
+        // axum adds the `Allow` header outside this layer.
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("{path}: method {method} not allowed (the Allow header lists those that are)")
+        }
+        s => format!("{path}: {}", s.canonical_reason().unwrap_or("error")),
+    };
+    let body = ErrorBody {
+        error: error_code(status).to_string(),
+        detail,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// The `error` code of a status the service does not answer with a code of its own.
+fn error_code(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        411 => "length_required",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        431 => "headers_too_large",
+        500 => "internal",
+        503 => "unavailable",
+        s if s < 500 => "client_error",
+        _ => "server_error",
+    }
+}
+
+async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    // Two Authorization headers are refused outright: which one a proxy in front of us
+    // would have checked or forwarded is anyone's guess.
+    let mut all = req.headers().get_all(header::AUTHORIZATION).iter();
+    let h = match (all.next(), all.next()) {
+        (Some(v), None) => Some(v.as_bytes()),
+        _ => None,
+    };
     if !st.auth.allows(h) {
         let mut r = ApiError::new(
             401,
@@ -103,27 +179,98 @@ async fn count_requests(State(st): State<AppState>, req: Request, next: Next) ->
     r
 }
 
-/// Reads at most `MAX_BODY_BYTES` and parses it, naming the offending field.
-async fn body_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let bytes = read_body(body).await?;
-    parse_json(&bytes)
+/// A request body that is one JSON object: `Content-Type: application/json`, at most
+/// `MAX_BODY_BYTES`, sent within the body timeout, an object at the top (not an array,
+/// not a bare value) and nothing but whitespace after it. The bytes are kept for a
+/// parser of its own (the rules) or a typed parse elsewhere ([`parse_strict`]).
+pub struct JsonObject(pub Bytes);
+
+/// A body parsed strictly into `T`: everything [`JsonObject`] checks, then `T`'s own
+/// rules (the wire types refuse unknown and duplicate fields, and arrays in place of
+/// objects), every error naming the field.
+pub struct StrictJson<T>(pub T);
+
+impl FromRequest<AppState> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
+        require_json_content_type(req.headers())?;
+        let body = req.into_body();
+        let bytes =
+            match tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES))
+                .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(_)) => {
+                    return Err(ApiError::new(
+                        413,
+                        "payload_too_large",
+                        format!("body: larger than {MAX_BODY_BYTES} bytes"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(ApiError::new(
+                        408,
+                        "request_timeout",
+                        format!("body: not received within {:?}", st.body_timeout),
+                    ))
+                }
+            };
+        check_one_object(&bytes)?;
+        Ok(JsonObject(bytes))
+    }
 }
 
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                413,
-                "payload_too_large",
-                format!("body: larger than {MAX_BODY_BYTES} bytes"),
-            )
-        })
+impl<T: DeserializeOwned> FromRequest<AppState> for StrictJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
+        let JsonObject(bytes) = JsonObject::from_request(req, st).await?;
+        parse_strict(&bytes).map(StrictJson)
+    }
 }
 
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+/// `application/json`, parameters (`; charset=utf-8`) allowed. Requiring it also keeps
+/// browsers from posting here cross-origin without a preflight.
+fn require_json_content_type(h: &HeaderMap) -> Result<(), ApiError> {
+    let ok = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            415,
+            "unsupported_media_type",
+            "content-type: must be application/json",
+        ))
+    }
+}
+
+/// One JSON object and nothing after it (whitespace aside). Checked without building
+/// anything (`IgnoredAny`).
+fn check_one_object(bytes: &[u8]) -> Result<(), ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::new(
+            400,
+            "bad_request",
+            "body: must be one JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    IgnoredAny::deserialize(&mut de)
+        .and_then(|_| de.end())
+        .map_err(|e| ApiError::new(400, "bad_request", format!("body: {e}")))
+}
+
+/// Parses one JSON document into `T`, naming the offending field; trailing bytes are an
+/// error (serde_json's streaming deserializer stops at the end of the first value).
+pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let detail = if path == "." {
@@ -132,11 +279,16 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("{path}: {inner}")
         };
         ApiError::new(400, "bad_request", detail)
-    })
+    })?;
+    de.end()
+        .map_err(|e| ApiError::new(400, "bad_request", format!("body: {e}")))?;
+    Ok(v)
 }
 
-async fn check(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let body: CheckRequest = body_json(req.into_body()).await?;
+async fn check(
+    State(st): State<AppState>,
+    StrictJson(body): StrictJson<CheckRequest>,
+) -> Result<Response, ApiError> {
     let r = st.svc.check(&body).await?;
     // 200 whether allowed or not: the decision is the payload. The headers are the ones a
     // gateway would copy to its client.
@@ -152,13 +304,39 @@ async fn check(State(st): State<AppState>, req: Request) -> Result<Response, Api
 }
 
 async fn sync(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let body: SyncRequest = body_json(req.into_body()).await?;
-    let r = st.svc.sync(&body).await?;
-    Ok(json(StatusCode::OK, &r))
+    let Ok(permit) = st.reports_in_flight.clone().try_acquire_owned() else {
+        let mut r = ApiError::new(
+            503,
+            "overloaded",
+            "too many reports in progress; send this one's counts with the next report",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(r);
+    };
+    let JsonObject(bytes) = JsonObject::from_request(req, &st).await?;
+    let svc = st.svc.clone();
+    let work = async move {
+        let _permit = permit;
+        let req: SyncRequest = parse_strict(&bytes)?;
+        let r = svc.sync(&req).await?;
+        Ok::<_, ApiError>(serde_json::to_vec(&r).unwrap_or_default())
+    };
+    let body = match &st.reports {
+        Some(rt) => rt
+            .spawn(work)
+            .await
+            .map_err(|e| ApiError::new(500, "internal", format!("report task: {e}")))??,
+        None => work.await?,
+    };
+    Ok(json_bytes(StatusCode::OK, body))
 }
 
-async fn put_rules(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let bytes = read_body(req.into_body()).await?;
+async fn put_rules(
+    State(st): State<AppState>,
+    JsonObject(bytes): JsonObject,
+) -> Result<Response, ApiError> {
     // Validated whole before anything changes; one error refuses the whole set.
     let rules = meshlimit_core::config::parse_rules(&bytes)
         .map_err(|e| ApiError::new(400, "invalid_rules", e.to_string()))?;
@@ -201,10 +379,61 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_field() {
-        let e = parse_json::<CheckRequest>(br#"{"client_id":"a","rule_id":5}"#).unwrap_err();
+        let e = parse_strict::<CheckRequest>(br#"{"client_id":"a","rule_id":5}"#).unwrap_err();
         assert_eq!(e.status, 400);
         assert!(e.detail.starts_with("rule_id:"), "{}", e.detail);
-        let e = parse_json::<SyncRequest>(br#"{"proxy_id":"p","span_ms":1,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":-3}]}"#).unwrap_err();
+        let e = parse_strict::<SyncRequest>(br#"{"proxy_id":"p","span_ms":1,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":-3}]}"#).unwrap_err();
         assert!(e.detail.starts_with("entries[0].admitted:"), "{}", e.detail);
+    }
+
+    #[test]
+    fn one_object_and_nothing_after_it() {
+        let ok = br#" {"client_id":"a","rule_id":"r"} "#;
+        assert!(check_one_object(ok).is_ok());
+        assert!(parse_strict::<CheckRequest>(ok).is_ok());
+        for bad in [
+            &br#"{"client_id":"a","rule_id":"r"} {"client_id":"b","rule_id":"r"}"#[..],
+            br#"{"client_id":"a","rule_id":"r"}x"#,
+            br#"{"client_id":"a","rule_id":"r"},"hits":5}"#,
+            br#"{"client_id":"a","rule_id":"r"}]"#,
+        ] {
+            let e = parse_strict::<CheckRequest>(bad).unwrap_err();
+            assert!(e.detail.contains("trailing characters"), "{e:?}");
+            let e = check_one_object(bad).unwrap_err();
+            assert!(e.detail.contains("trailing characters"), "{e:?}");
+        }
+        for bad in [&b"[]"[..], b"[{\"rules\":[]}]", b"\"x\"", b"1", b"", b"  "] {
+            let e = check_one_object(bad).unwrap_err();
+            assert_eq!(e.detail, "body: must be one JSON object", "{bad:?}");
+        }
+        let e = parse_strict::<CheckRequest>(br#"["a","r",1]"#).unwrap_err();
+        assert!(e.detail.contains("invalid type: sequence"), "{e:?}");
+    }
+
+    #[test]
+    fn content_type_must_be_json() {
+        let mut h = HeaderMap::new();
+        assert_eq!(require_json_content_type(&h).unwrap_err().status, 415);
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ok));
+            assert!(require_json_content_type(&h).is_ok(), "{ok}");
+        }
+        for bad in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/jsonx",
+            "multipart/form-data",
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(bad));
+            assert_eq!(
+                require_json_content_type(&h).unwrap_err().status,
+                415,
+                "{bad}"
+            );
+        }
     }
 }

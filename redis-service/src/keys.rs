@@ -31,17 +31,17 @@ impl KeyMaker {
     }
 
     /// The hash tag of one (namespace, rule, client): `c.<rule>.<32 hex>`. Rule ids are
-    /// `[A-Za-z0-9_.-]` (checked by the config parser) or bounded report fields, so they
-    /// cannot carry a brace; they are still hashed in, so a rule rename starts fresh.
+    /// `[A-Za-z0-9_.-]` (checked by the config parser and by the report's validation),
+    /// so they cannot carry a brace; they are still hashed in, so a rule rename starts
+    /// fresh.
+    ///
+    /// The MAC input is framed: a version and namespace byte, then each field preceded
+    /// by its length (8 bytes, big-endian). Without lengths, ("a\0", "b") and
+    /// ("a", "\0b") fed the same bytes and shared a counter; with them no two
+    /// different (rule, client) pairs give the same input.
     pub fn tag(&self, ns: Namespace, rule: &str, client: &str) -> String {
         let mut m = self.mac.clone();
-        m.update(match ns {
-            Namespace::Check => b"c\0",
-            Namespace::Sync => b"s\0",
-        });
-        m.update(rule.as_bytes());
-        m.update(b"\0");
-        m.update(client.as_bytes());
+        m.update(&mac_input(ns, rule, client));
         let d = m.finalize().into_bytes();
         let ns = match ns {
             Namespace::Check => 'c',
@@ -72,6 +72,22 @@ impl KeyMaker {
     pub fn share_key(&self, tag: &str, window_secs: u64) -> String {
         format!("{}:{{{tag}}}:h{window_secs}", self.prefix)
     }
+}
+
+/// `2 <ns> len(rule) rule len(client) client`: the leading 2 is the key-derivation
+/// version (1 was the unframed input), so keys made before the framing never meet these.
+fn mac_input(ns: Namespace, rule: &str, client: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + 16 + rule.len() + client.len());
+    v.push(2);
+    v.push(match ns {
+        Namespace::Check => b'c',
+        Namespace::Sync => b's',
+    });
+    for field in [rule.as_bytes(), client.as_bytes()] {
+        v.extend_from_slice(&(field.len() as u64).to_be_bytes());
+        v.extend_from_slice(field);
+    }
+    v
 }
 
 /// Redis Cluster slot of a key (CRC16/XMODEM of the hash tag, mod 16384).
@@ -105,12 +121,47 @@ mod tests {
             tag,
             KeyMaker::new("ml", b"other").tag(Namespace::Check, "api", "sk_live_very_secret")
         );
+        // The same inputs give the same tag (the counter is found again).
+        assert_eq!(tag, k.tag(Namespace::Check, "api", "sk_live_very_secret"));
         // Known vectors from the Redis cluster spec.
         assert_eq!(slot("123456789"), 0x31C3);
         assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
         assert_eq!(
             slot("foo{}{bar}"),
             crc16::State::<crc16::XMODEM>::calculate(b"foo{}{bar}") % 16384
+        );
+    }
+
+    #[test]
+    fn fields_are_framed_so_nul_bytes_cannot_merge_two_pairs() {
+        let k = KeyMaker::new("ml", b"secret key 123456");
+        // (rule, client) pairs whose plain concatenation with NUL separators (the input
+        // before framing: ns, 0, rule, 0, client) is byte for byte the same, and whose
+        // readable rule part in the tag is the same too ("a" once NUL is filtered out).
+        let pairs = [("a\0", "b"), ("a", "\0b"), ("a\0\0", ""), ("a", "\0\0b")];
+        let unframed = |rule: &str, client: &str| format!("c\0{rule}\0{client}").into_bytes();
+        assert_eq!(
+            unframed(pairs[0].0, pairs[0].1),
+            unframed(pairs[1].0, pairs[1].1)
+        );
+        let tags: Vec<String> = pairs
+            .iter()
+            .map(|(r, c)| k.tag(Namespace::Check, r, c))
+            .collect();
+        for (i, a) in tags.iter().enumerate() {
+            assert!(a.starts_with("c.a."), "{a}");
+            for b in &tags[i + 1..] {
+                assert_ne!(a, b, "two different (rule, client) pairs share a counter");
+            }
+        }
+        // Framed inputs differ wherever the pairs differ.
+        assert_ne!(
+            mac_input(Namespace::Check, "a\0", "b"),
+            mac_input(Namespace::Check, "a", "\0b")
+        );
+        assert_ne!(
+            mac_input(Namespace::Check, "ab", ""),
+            mac_input(Namespace::Sync, "ab", "")
         );
     }
 }

@@ -6,6 +6,7 @@ use meshlimit_service::config::Config;
 use meshlimit_service::fallback::Fallback;
 use meshlimit_service::http::{router, AppState};
 use meshlimit_service::keys::KeyMaker;
+use meshlimit_service::server::{self, Limits};
 use meshlimit_service::service::Service;
 use meshlimit_service::store::memory::MemoryStore;
 use meshlimit_service::store::redis::{RedisOptions, RedisStore};
@@ -38,13 +39,22 @@ fn main() {
         rt.worker_threads(n.max(1));
     }
     let rt = rt.build().expect("tokio runtime");
-    if let Err(e) = rt.block_on(run(cfg)) {
+    // Reports get threads of their own (see `AppState::reports`).
+    let reports = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.report_workers)
+        .thread_name("ml-reports")
+        .enable_all()
+        .build()
+        .expect("tokio runtime for reports");
+    let result = rt.block_on(run(cfg, reports.handle().clone()));
+    reports.shutdown_background();
+    if let Err(e) = result {
         eprintln!("meshlimit-service: {e}");
         std::process::exit(1);
     }
 }
 
-async fn run(cfg: Config) -> Result<(), String> {
+async fn run(cfg: Config, reports: tokio::runtime::Handle) -> Result<(), String> {
     let token = cfg.load_token()?;
     let hash_key = cfg.load_client_hash_key()?;
     let keys = KeyMaker::new(&cfg.key_prefix, &hash_key);
@@ -64,6 +74,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         // The connection-level bound must let the biggest batch through; each request
         // has its own, shorter deadline on top (--store-timeout-ms / --sync-timeout-ms).
         io_timeout: Duration::from_millis(cfg.store_timeout_ms.max(cfg.sync_timeout_ms).max(100)),
+        report_runtime: Some(reports.clone()),
+        sync_chunk: cfg.sync_entries_per_call,
     };
     let mut memory: Option<Arc<MemoryStore>> = None;
     let (store, redis): (Arc<dyn Store>, Option<Arc<RedisStore>>) =
@@ -96,7 +108,7 @@ async fn run(cfg: Config) -> Result<(), String> {
             })
         {
             tracing::warn!("store not reachable at start, starting degraded: {e}");
-            svc.fallback.set_degraded(true);
+            svc.fallback.enter_degraded(&e.to_string());
         }
     }
 
@@ -138,20 +150,22 @@ async fn run(cfg: Config) -> Result<(), String> {
     let app = router(AppState {
         svc: svc.clone(),
         auth: Auth::new(token.as_deref()),
+        reports: Some(reports),
+        body_timeout: Duration::from_millis(cfg.body_timeout_ms),
+        reports_in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_reports_in_flight)),
     });
-    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let limits = Limits {
+        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        max_connections: cfg.max_connections,
+        grace: Duration::from_secs(cfg.shutdown_grace_secs),
+    };
+    let drained = server::run(listener, app, limits, async {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
-        let _ = tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
-    // After the signal, in-flight requests get `grace` to finish.
-    let _ = rx.await;
-    match tokio::time::timeout(grace, server).await {
-        Ok(_) => {}
-        Err(_) => tracing::warn!("in-flight requests still running after {grace:?}"),
+    })
+    .await;
+    if !drained {
+        tracing::warn!("in-flight requests still running after {:?}", limits.grace);
     }
     probe.abort();
     svc.flush().await;

@@ -91,6 +91,8 @@ impl Default for Metrics {
 /// Values owned by other parts, read at scrape time.
 pub struct Gauges {
     pub degraded: bool,
+    pub degraded_transitions: u64,
+    pub degraded_seconds: f64,
     pub pending: usize,
     pub round_trips: u64,
     pub rules: usize,
@@ -151,6 +153,8 @@ impl Metrics {
         let _ = write!(
             o,
             "# HELP meshlimit_degraded 1 while answering from the local fallback (store unreachable).\n# TYPE meshlimit_degraded gauge\nmeshlimit_degraded {}\n\
+             # HELP meshlimit_degraded_transitions_total Times the service entered degraded mode.\n# TYPE meshlimit_degraded_transitions_total counter\nmeshlimit_degraded_transitions_total {}\n\
+             # HELP meshlimit_degraded_seconds_total Seconds spent in degraded mode, the current period included.\n# TYPE meshlimit_degraded_seconds_total counter\nmeshlimit_degraded_seconds_total {:.3}\n\
              # HELP meshlimit_reconcile_pending Counts admitted while degraded, waiting to be written to the store.\n# TYPE meshlimit_reconcile_pending gauge\nmeshlimit_reconcile_pending {}\n\
              # HELP meshlimit_reconciled_total Pending entries written to the store after it came back.\n# TYPE meshlimit_reconciled_total counter\nmeshlimit_reconciled_total {}\n\
              # HELP meshlimit_reconcile_dropped_total Pending entries dropped because the pending table was full.\n# TYPE meshlimit_reconcile_dropped_total counter\nmeshlimit_reconcile_dropped_total {}\n\
@@ -158,6 +162,8 @@ impl Metrics {
              # HELP meshlimit_rules Rules loaded for /rate-limit/check.\n# TYPE meshlimit_rules gauge\nmeshlimit_rules {}\n\
              # HELP meshlimit_store_info The configured store.\n# TYPE meshlimit_store_info gauge\nmeshlimit_store_info{{store=\"{}\"}} 1\n",
             u8::from(g.degraded),
+            g.degraded_transitions,
+            g.degraded_seconds,
             g.pending,
             self.reconciled.load(Ordering::Relaxed),
             self.reconcile_dropped.load(Ordering::Relaxed),

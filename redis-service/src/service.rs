@@ -11,6 +11,7 @@ use meshlimit_core::config::Rule;
 use meshlimit_core::protocol::{CheckRequest, CheckResponse, SyncGrant, SyncRequest, SyncResponse};
 use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,9 @@ pub struct Service {
     pub share: ShareParams,
     deadline: Duration,
     sync_deadline: Duration,
+    /// When the store last answered anything (nanoseconds since `epoch`).
+    last_answer_ns: AtomicU64,
+    epoch: Instant,
 }
 
 impl Service {
@@ -67,6 +71,8 @@ impl Service {
             },
             deadline: cfg.store_timeout(),
             sync_deadline: cfg.sync_timeout(),
+            last_answer_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -86,11 +92,19 @@ impl Service {
     /// error about one item (e.g. a script refused while its slot migrates) does not
     /// stop the others from using the store. What the fallback admits is written back
     /// by the probe in both cases.
-    fn store_failed(&self, e: &StoreError) {
+    ///
+    /// A report that is merely slow (`from_report`, `StoreError::Slow`) does not switch
+    /// either: reports queue behind each other when they come faster than the store
+    /// takes them, and that must not send every check to the fallback. A store that is
+    /// really gone refuses connections (which does switch) or fails checks too.
+    fn store_failed(&self, e: &StoreError, from_report: bool) {
         self.metrics.store_error(e.kind());
         match e {
-            StoreError::Unavailable(_) => {
-                if self.fallback.set_degraded(true) {
+            StoreError::Slow(_) if from_report => {
+                tracing::debug!("a report's store call was slow: {e}")
+            }
+            StoreError::Unavailable(_) | StoreError::Slow(_) => {
+                if self.fallback.enter_degraded(&e.to_string()) {
                     tracing::warn!("store failing, answering from the fallback: {e}");
                 }
             }
@@ -113,10 +127,29 @@ impl Service {
                     format!("rule_id: no rule {:?} is loaded", req.rule_id),
                 )
             })?;
+        let hits = req.hits.unwrap_or(1);
+        // More hits than a limit holds could never be admitted, and no retry time would
+        // be true: say so instead of refusing forever.
+        for l in &rule.limits {
+            let holds = match self.algorithm {
+                Algorithm::SlidingWindow => l.max,
+                Algorithm::TokenBucket => l.burst,
+            };
+            if hits > holds {
+                return Err(ApiError::new(
+                    400,
+                    "bad_request",
+                    format!(
+                        "hits: {hits} is more than rule {:?} ever admits at once ({holds} per {} s)",
+                        rule.id, l.window_secs
+                    ),
+                ));
+            }
+        }
         let op = CheckOp {
             tag: self.keys.tag(Namespace::Check, &rule.id, &req.client_id),
             limits: rule.limits.iter().map(StoreLimit::from).collect(),
-            hits: req.hits.unwrap_or(1),
+            hits,
             force: false,
         };
         let (out, source) = self.check_op(op.clone()).await;
@@ -136,6 +169,18 @@ impl Service {
         })
     }
 
+    fn store_answered(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.last_answer_ns.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Whether the store has answered anything (a check, a report) within the last
+    /// check deadline.
+    fn store_answered_lately(&self) -> bool {
+        let last = Duration::from_nanos(self.last_answer_ns.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last) < self.deadline
+    }
+
     /// The store's answer, or None when the fallback must decide.
     async fn check_op(&self, op: CheckOp) -> (Option<CheckOutcome>, &'static str) {
         if self.fallback.is_degraded() {
@@ -148,15 +193,31 @@ impl Service {
             .observe(t.elapsed().as_secs_f64());
         match r {
             Ok(mut v) => match v.pop() {
-                Some(Ok(o)) => (Some(o), "store"),
+                Some(Ok(o)) => {
+                    self.store_answered();
+                    (Some(o), "store")
+                }
                 Some(Err(e)) => {
-                    self.store_failed(&e);
+                    self.store_failed(&e, false);
                     (None, "fallback")
                 }
                 None => (None, "fallback"),
             },
+            // One late answer while the store goes on answering other calls is a
+            // blip (on a shared machine, a scheduling delay): this check is answered by
+            // the fallback, the service stays. Only a store that has said nothing for a
+            // whole deadline switches it, so one slow call cannot send every check to the
+            // fallback until the next probe.
+            Err(_) if self.store_answered_lately() => {
+                self.metrics.store_error("late");
+                tracing::debug!("a check missed its deadline of {:?}", self.deadline);
+                (None, "fallback")
+            }
             Err(_) => {
-                self.store_failed(&StoreError::Unavailable("deadline".into()));
+                self.store_failed(
+                    &StoreError::Slow(format!("no answer within {:?}", self.deadline)),
+                    false,
+                );
                 (None, "fallback")
             }
         }
@@ -184,7 +245,11 @@ impl Service {
             })
             .collect();
         let mut results: Vec<Option<crate::store::SyncOutcome>> = vec![None; ops.len()];
-        if !self.fallback.is_degraded() && !ops.is_empty() {
+        // Reports try the store even while checks are degraded: they have a deadline and
+        // a connection of their own, so a slow check period does not turn every report
+        // into counts owed (which the probe would then have to write back before checks
+        // could use the store again), and a store that is gone fails them fast anyway.
+        if !ops.is_empty() {
             let t = Instant::now();
             let r = tokio::time::timeout(
                 self.sync_deadline,
@@ -198,12 +263,23 @@ impl Service {
                 Ok(v) => {
                     for (slot, item) in results.iter_mut().zip(v) {
                         match item {
-                            Ok(o) => *slot = Some(o),
-                            Err(e) => self.store_failed(&e),
+                            Ok(o) => {
+                                self.store_answered();
+                                *slot = Some(o)
+                            }
+                            Err(e) => self.store_failed(&e, true),
                         }
                     }
                 }
-                Err(_) => self.store_failed(&StoreError::Unavailable("deadline".into())),
+                // Answered from the fallback; the service stays as it is (see
+                // `store_failed`).
+                Err(_) => {
+                    self.metrics.store_error("sync_deadline");
+                    tracing::debug!(
+                        "sync report missed its deadline of {:?}",
+                        self.sync_deadline
+                    );
+                }
             }
         }
         let mut degraded = false;
@@ -241,10 +317,15 @@ impl Service {
         })
     }
 
-    /// `/readyz`: the store answers (within the deadline) and we are not degraded.
+    /// `/readyz`: the store answers (within the deadline) and we are not degraded. The
+    /// error says why not: the store's own words where it gave any (`NOAUTH ...`, a
+    /// refused connection, a deadline).
     pub async fn ready(&self) -> Result<(), String> {
-        if self.fallback.is_degraded() {
-            return Err("degraded: answering from the local fallback".into());
+        if let Some((reason, for_how_long)) = self.fallback.reason() {
+            return Err(format!(
+                "degraded for {:.1} s, answering from the local fallback: {reason}",
+                for_how_long.as_secs_f64()
+            ));
         }
         match tokio::time::timeout(
             self.deadline.max(Duration::from_millis(500)),
@@ -280,10 +361,12 @@ impl Service {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!("probe: {e}");
+                self.fallback.still_degraded(&e.to_string());
                 return;
             }
             Err(_) => {
                 tracing::debug!("probe: ping timed out");
+                self.fallback.still_degraded("store ping timed out");
                 return;
             }
         }
@@ -297,7 +380,7 @@ impl Service {
             .await
         {
             Ok(n) => {
-                if self.fallback.set_degraded(false) {
+                if self.fallback.leave_degraded() {
                     tracing::info!("store is back; reconciled {n} pending entries");
                 }
                 // Requests that raced the switch may have added more; write those too.
@@ -306,7 +389,11 @@ impl Service {
                     .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
                     .await;
             }
-            Err(e) => tracing::warn!("reconciliation incomplete: {e}"),
+            Err(e) => {
+                tracing::warn!("reconciliation incomplete: {e}");
+                self.fallback
+                    .still_degraded(&format!("writing back pending counts: {e}"));
+            }
         }
     }
 
@@ -325,8 +412,11 @@ impl Service {
     }
 
     pub fn render_metrics(&self) -> String {
+        let (degraded_transitions, degraded_seconds) = self.fallback.degraded_totals();
         self.metrics.render(&Gauges {
             degraded: self.fallback.is_degraded(),
+            degraded_transitions,
+            degraded_seconds,
             pending: self.fallback.pending_len(),
             round_trips: self.store.round_trips(),
             rules: self.rule_count(),

@@ -59,10 +59,10 @@ async fn bad_inputs_are_named_4xx() {
         ("/rate-limit/check", br#"{"client_id":"a","rule_id":"nope"}"#.to_vec(), 404, "rule_id"),
         ("/rate-limit/check", format!(r#"{{"client_id":"{}","rule_id":"api"}}"#, "x".repeat(2000)).into_bytes(), 400, "client_id"),
         ("/rate-limit/check", vec![b' '; 5 * 1024 * 1024], 413, "body"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":0,"max":1,"admitted":1}]}"#.to_vec(), 400, "entries[0].window_secs"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":"3"}]}"#.to_vec(), 400, "entries[0].admitted"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":0,"max":1,"admitted":1}]}"#.to_vec(), 400, "entries[0].window_secs"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":"3"}]}"#.to_vec(), 400, "entries[0].admitted"),
         ("/v1/sync", br#"{"proxy_id":"","span_ms":1000,"entries":[]}"#.to_vec(), 400, "proxy_id"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":2000000}]}"#.to_vec(), 400, "admitted"),
+        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":2000000}]}"#.to_vec(), 400, "admitted"),
     ];
     for (path, body, status, needle) in cases {
         // The server answers 413 before reading a too-large body and closes the
@@ -90,7 +90,7 @@ async fn bad_inputs_are_named_4xx() {
         );
     }
     // Too many entries in one sync.
-    let entry = json!({"rule":"r","key":"k","window_secs":1,"max":1,"admitted":0});
+    let entry = json!({"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":0});
     let big = json!({"proxy_id":"p","span_ms":1000,"entries": vec![entry; 10_001]});
     let r = c.post_json("/v1/sync", &big).await.unwrap();
     assert_eq!(r.status, 400);
@@ -212,7 +212,8 @@ async fn rules_are_parsed_as_strictly_as_the_filter_parses_them() {
     for (body, want) in [
         (
             r#"{"rules":[]} {"rules":[{"id":"x","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]}]}"#,
-            "content after the JSON document",
+            // Refused by the service's strict JSON layer before the filter's parser.
+            "trailing characters",
         ),
         (
             r#"{"rules":[{"id":"x","match":{"path":"/x","headers":{"a":"1","A":"2"}},"limits":[{"window":"1m","max":1}]}]}"#,
@@ -227,4 +228,247 @@ async fn rules_are_parsed_as_strictly_as_the_filter_parses_them() {
         let detail = r.json()["detail"].as_str().unwrap().to_owned();
         assert!(detail.contains(want), "{detail}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_one_json_object_parsed_strictly() {
+    let s = Service::start(&[]);
+    let c = &s.client;
+    let id = uniq("strict");
+    let check_body = format!(r#"{{"client_id":"{id}","rule_id":"api"}}"#);
+    let key = "00000000000000cd";
+    let entry = format!(r#"{{"rule":"r","key":"{key}","window_secs":60,"max":100,"admitted":7}}"#);
+    let sync_body = format!(r#"{{"proxy_id":"p","span_ms":1000,"entries":[{entry}]}}"#);
+    let cases: Vec<(&str, String, &str)> = vec![
+        // Fields by position: refused at the top and inside.
+        (
+            "/rate-limit/check",
+            format!(r#"["{id}","api",1]"#),
+            "must be one JSON object",
+        ),
+        (
+            "/v1/sync",
+            format!(r#"["p","",1000,[{entry}]]"#),
+            "must be one JSON object",
+        ),
+        (
+            "/v1/sync",
+            format!(
+                r#"{{"proxy_id":"p","span_ms":1000,"entries":[["r","{key}",60,100,null,7,0]]}}"#
+            ),
+            "entries[0]: invalid type: sequence",
+        ),
+        // Anything after the document.
+        (
+            "/rate-limit/check",
+            format!("{check_body} {check_body}"),
+            "trailing characters",
+        ),
+        (
+            "/rate-limit/check",
+            format!(r#"{check_body},"hits":5}}"#),
+            "trailing characters",
+        ),
+        ("/v1/sync", format!("{sync_body}x"), "trailing characters"),
+        (
+            "/v1/sync",
+            format!("{sync_body}{sync_body}"),
+            "trailing characters",
+        ),
+        // A field twice.
+        (
+            "/rate-limit/check",
+            format!(r#"{{"client_id":"{id}","rule_id":"api","client_id":"other"}}"#),
+            "duplicate field `client_id`",
+        ),
+        // Not a fingerprint.
+        (
+            "/v1/sync",
+            sync_body.replace(key, "00000000000000CD"),
+            "entries[0].key: must be 16 lower-case hex digits",
+        ),
+    ];
+    for (path, body, needle) in cases {
+        let r = c.post_raw(path, body.clone().into_bytes()).await.unwrap();
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text());
+        assert_eq!(r.json()["error"], "bad_request", "{}", r.text());
+        let detail = r.json()["detail"].as_str().unwrap_or("").to_string();
+        assert!(
+            detail.contains(needle),
+            "{path} {body}: {detail:?} lacks {needle:?}"
+        );
+    }
+    // Nothing of it was applied: the first real check and report are the first counted.
+    assert_eq!(check(c, &id, "api", 1).await["remaining"], 4);
+    let r = c
+        .post_raw("/v1/sync", sync_body.into_bytes())
+        .await
+        .unwrap();
+    assert_eq!(r.json()["entries"][0]["used"], 7, "{}", r.text());
+
+    // PUT /rate-limits/rules: this layer refuses what is not one object; the rules
+    // themselves are the config parser's to judge. Either way nothing changes.
+    let one =
+        r#"{"rules":[{"id":"fresh","match":{"path":"/x"},"limits":[{"window":"1m","max":1}]}]}"#;
+    for body in [
+        format!("[{one}]"),
+        format!("{one} {{\"rules\":[]}}"),
+        "\"rules\"".to_string(),
+    ] {
+        let r = c
+            .put_raw("/rate-limits/rules", body.clone().into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(
+            r.json()["detail"].as_str().unwrap().starts_with("body: "),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(metric(c, "meshlimit_rules").await, 5.0);
+    assert_eq!(check(c, &id, "api", 1).await["remaining"], 3);
+
+    // Only JSON: a form post (what `curl -d` and a browser send) is 415.
+    for ct in ["application/x-www-form-urlencoded", "text/plain"] {
+        let r = c
+            .request_with(
+                hyper::Method::POST,
+                "/rate-limit/check",
+                &[("content-type", ct)],
+                Some(check_body.clone().into_bytes()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 415, "{ct}: {}", r.text());
+        assert_eq!(r.json()["error"], "unsupported_media_type");
+    }
+    assert_eq!(check(c, &id, "api", 1).await["remaining"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_status_has_a_json_body() {
+    use hyper::Method;
+    let s = Service::start(&[]);
+    let c = &s.client;
+    let cases: Vec<(Method, &str, u16, &str)> = vec![
+        (Method::GET, "/rate-limit/check", 405, "method_not_allowed"),
+        (Method::DELETE, "/v1/sync", 405, "method_not_allowed"),
+        (
+            Method::POST,
+            "/rate-limits/rules",
+            405,
+            "method_not_allowed",
+        ),
+        (Method::POST, "/healthz", 405, "method_not_allowed"),
+        (Method::PUT, "/metrics", 405, "method_not_allowed"),
+        (Method::GET, "/nope", 404, "not_found"),
+        (Method::POST, "/v1/sync/", 404, "not_found"),
+        (Method::POST, "//v1/sync", 404, "not_found"),
+        (Method::POST, "/V1/SYNC", 404, "not_found"),
+    ];
+    for (m, path, status, code) in cases {
+        let r = c
+            .request(m.clone(), path, Some(b"{}".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(r.status, status, "{m} {path}: {}", r.text());
+        assert_eq!(
+            r.headers.get("content-type").unwrap(),
+            "application/json",
+            "{m} {path}"
+        );
+        let j = r.json();
+        assert_eq!(j["error"], code, "{m} {path}: {}", r.text());
+        assert!(
+            j["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{}",
+            r.text()
+        );
+        if status == 405 {
+            assert!(
+                r.headers.contains_key("allow"),
+                "{m} {path}: no Allow header"
+            );
+        }
+    }
+    // Refused for a missing token before any of that, also as JSON.
+    let r = c
+        .with_token(None)
+        .request(Method::POST, "/rate-limit/check", Some(b"[]".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_scheme_in_any_case_but_one_header_only() {
+    use hyper::Method;
+    let s = Service::start(&[]);
+    let anon = s.client.with_token(None);
+    let body = json!({"client_id": uniq("case"), "rule_id": "api"}).to_string();
+    for scheme in ["Bearer", "bearer", "BEARER", "bEARER"] {
+        let auth = format!("{scheme} {TOKEN}");
+        let r = anon
+            .request_with(
+                Method::POST,
+                "/rate-limit/check",
+                &[("authorization", &auth)],
+                Some(body.clone().into_bytes()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{scheme}: {}", r.text());
+    }
+    let wrong_case_token = format!("Bearer {}", TOKEN.to_uppercase());
+    let good = format!("Bearer {TOKEN}");
+    for headers in [
+        vec![("authorization", wrong_case_token.as_str())],
+        vec![
+            ("authorization", good.as_str()),
+            ("authorization", good.as_str()),
+        ],
+        vec![
+            ("authorization", good.as_str()),
+            ("authorization", "Bearer x"),
+        ],
+    ] {
+        let r = anon
+            .request_with(
+                Method::POST,
+                "/rate-limit/check",
+                &headers,
+                Some(body.clone().into_bytes()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401, "{headers:?}: {}", r.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_and_reset_at_are_true_in_memory() {
+    let sw = Service::start(&["--algorithm", "sliding-window"]);
+    let tb = Service::start(&["--algorithm", "token-bucket"]);
+    tokio::join!(
+        retry_contract(&sw.client, true),
+        retry_contract(&tb.client, false)
+    );
+    // More hits than the limit holds: no retry time would be true, so 400.
+    let r = sw
+        .client
+        .post_json(
+            "/rate-limit/check",
+            &json!({"client_id": "x", "rule_id": "retry", "hits": 3}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("hits: 3 is more than"));
 }

@@ -94,7 +94,7 @@ async fn sync_shares_in_redis() {
     // x holds 1.0 until it reports again; y gets only what is free.
     assert_eq!(j["entries"][0]["weight"].as_f64().unwrap(), 0.0, "{j}");
     // One key twice in one report: both counted.
-    let e = serde_json::json!({"rule": "r", "key": "dupdupdupdupdupd", "window_secs": 30, "max": 100, "admitted": 4});
+    let e = serde_json::json!({"rule": "r", "key": "d0d0d0d0d0d0d0d0", "window_secs": 30, "max": 100, "admitted": 4});
     let j = s
         .client
         .post_json(
@@ -143,9 +143,33 @@ async fn acl_user_and_password() {
     ]);
     let r = bad.client.get("/readyz").await.unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
+    // /readyz says why, in the words of the failure (the redis crate reports a refused
+    // AUTH as "Password authentication failed").
+    let detail = r.json()["detail"].as_str().unwrap_or("").to_lowercase();
+    assert!(detail.contains("authentication failed"), "{}", r.text());
     // Still answers, from the fallback.
     assert_eq!(check(&bad.client, &id, "big", 1).await["allowed"], true);
     assert_eq!(metric(&bad.client, "meshlimit_degraded").await, 1.0);
+    assert_eq!(
+        metric(&bad.client, "meshlimit_degraded_transitions_total").await,
+        1.0
+    );
+    let secs = metric(&bad.client, "meshlimit_degraded_seconds_total").await;
+    assert!(secs > 0.0, "degraded seconds {secs}");
+    // No password where one is needed: Redis' own NOAUTH comes through.
+    let none = Service::start(&["--redis-url", &redis.url(), "--probe-interval-ms", "100"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = none.client.get("/readyz").await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.json()["detail"].as_str().unwrap_or("").contains("NOAUTH"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        metric(&good.client, "meshlimit_degraded_transitions_total").await,
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,10 +406,30 @@ async fn slow_redis_answers_within_the_deadline() {
             .map(|o| o.stdout == b"200")
             .unwrap_or(false)
     });
+    // The period is over but it shows: one transition, and the time it lasted.
+    assert_eq!(metric(&s.client, "meshlimit_degraded").await, 0.0);
+    assert!(metric(&s.client, "meshlimit_degraded_transitions_total").await >= 1.0);
+    let secs = metric(&s.client, "meshlimit_degraded_seconds_total").await;
+    assert!((0.3..10.0).contains(&secs), "degraded for {secs} s");
     let r = check(&s.client, &id, "many", 1).await;
     let used = 1_000_000 - r["remaining"].as_i64().unwrap();
     assert!(
         used == n + 2 || used == n + 3,
         "{n} + 2 hits admitted, Redis counts {used}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_and_reset_at_are_true_on_redis() {
+    let redis = RedisNode::start(false);
+    let sw = Service::start(&["--redis-url", &redis.url(), "--algorithm", "sliding-window"]);
+    let tb = Service::start(&["--redis-url", &redis.url(), "--algorithm", "token-bucket"]);
+    tokio::join!(
+        retry_contract(&sw.client, true),
+        retry_contract(&tb.client, false)
+    );
+    assert_eq!(
+        metric(&sw.client, "meshlimit_degraded_transitions_total").await,
+        0.0
     );
 }

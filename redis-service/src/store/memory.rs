@@ -53,6 +53,40 @@ pub fn now_us() -> f64 {
 
 /// A sliding-window key's (current, previous) counts as of window `idx`: a stored
 /// window one step behind becomes the previous one, older or expired ones count 0.
+/// Unix second when a sliding-window limit with (current, previous) counts `c`, `p` in
+/// window `idx` is full again: its estimate `p·(1 − frac) + c` reaches 0 at the second
+/// window boundary ahead while `c > 0`, at the next one when only `p` counts.
+fn sw_full_at(c: u64, p: u64, idx: i64, w: u64, now_s: f64) -> u64 {
+    if c > 0 {
+        (idx as u64 + 2) * w
+    } else if p > 0 {
+        (idx as u64 + 1) * w
+    } else {
+        now_s.ceil() as u64
+    }
+}
+
+/// Slack on "fits" (see `lua/sliding_window.lua`).
+const SW_EPS: f64 = 1e-9;
+
+/// Index of the limit a check answer describes: admitted, the one with the fewest left;
+/// refused, the one that takes longest to let the request through. Ties: longer window.
+/// `rows` are (remaining, wait, window_secs).
+fn describe(allowed: bool, rows: &[(u64, f64, u64)]) -> usize {
+    if allowed {
+        let rems: Vec<(u64, u64)> = rows.iter().map(|&(r, _, w)| (r, w)).collect();
+        return tightest(&rems);
+    }
+    let mut best = 0;
+    for (i, &(_, wait, w)) in rows.iter().enumerate() {
+        let (_, bwait, bw) = rows[best];
+        if wait > bwait || (wait == bwait && w > bw) {
+            best = i;
+        }
+    }
+    best
+}
+
 fn sw_counts(m: &HashMap<String, Slot>, key: &str, idx: i64, now_us: f64) -> (u64, u64) {
     match m.get(key) {
         Some(Slot {
@@ -142,10 +176,11 @@ impl MemoryStore {
             let frac = (now - idx as f64 * w) / w;
             let est = p as f64 * (1.0 - frac) + c as f64;
             let h = hits as f64;
-            if est + h > max {
+            let mut wait = 0.0;
+            if est + h > max + SW_EPS {
                 allowed = false;
                 let (cf, pf) = (c as f64, p as f64);
-                let wait = if h > max {
+                wait = if h > max {
                     2.0 * w
                 } else if cf + h <= max {
                     ((1.0 - (max - cf - h) / pf) - frac) * w
@@ -154,35 +189,33 @@ impl MemoryStore {
                 };
                 retry = retry.max(wait);
             }
-            st.push((key, l.window_secs, l.max, idx, c, p, est));
+            st.push((key, l.window_secs, l.max, idx, c, p, est, wait));
         }
-        let mut rems = Vec::with_capacity(st.len());
+        let mut rows = Vec::with_capacity(st.len());
         let mut resets = Vec::with_capacity(st.len());
-        for (key, w, max, idx, c, p, est) in st {
+        for (key, w, max, idx, c, p, est, wait) in st {
             let mut est = est;
+            let mut c = c;
             if allowed || op.force {
                 est += hits as f64;
+                c += hits;
                 m.insert(
                     key,
                     Slot {
-                        entry: Entry::Sw {
-                            i: idx,
-                            c: c + hits,
-                            p,
-                        },
+                        entry: Entry::Sw { i: idx, c, p },
                         expires_us: now_us + (w * 2_000_000) as f64,
                     },
                 );
             }
             let rem = (max as f64 - est + 1e-9).floor().max(0.0) as u64;
-            rems.push((rem, w));
-            resets.push((idx as u64 + 1) * w);
+            rows.push((rem, wait, w));
+            resets.push(sw_full_at(c, p, idx, w, now));
         }
-        let t = tightest(&rems);
+        let t = describe(allowed, &rows);
         CheckOutcome {
             allowed,
             tightest: t,
-            remaining: rems[t].0,
+            remaining: rows[t].0,
             reset_at: resets[t],
             retry_after_ms: if allowed {
                 0
@@ -226,6 +259,17 @@ impl MemoryStore {
                 _ => 0,
             })
             .collect();
+        // Each limit's wait for this request, from the timestamps before the check.
+        let waits: Vec<f64> = limits
+            .iter()
+            .zip(&tats)
+            .map(|(l, &t)| {
+                let new = t
+                    .max(now)
+                    .saturating_add(l.interval_ns.saturating_mul(op.hits));
+                new.saturating_sub(now.saturating_add(l.depth_ns)) as f64
+            })
+            .collect();
         let d = gcra::check(&limits, &mut tats, now, op.hits);
         if !d.allowed && op.force {
             // Reconciliation: charge what a fallback already admitted, capped at empty.
@@ -248,19 +292,20 @@ impl MemoryStore {
                 }
             }
         }
-        let rems: Vec<(u64, u64)> = limits
+        let rows: Vec<(u64, f64, u64)> = limits
             .iter()
             .zip(&tats)
-            .map(|(l, &t)| {
+            .zip(&waits)
+            .map(|((l, &t), &wait)| {
                 let left = now.saturating_add(l.depth_ns).saturating_sub(t.max(now));
-                (left / l.interval_ns, l.window_secs)
+                (left / l.interval_ns, wait, l.window_secs)
             })
             .collect();
-        let t = tightest(&rems);
+        let t = describe(d.allowed, &rows);
         CheckOutcome {
             allowed: d.allowed,
             tightest: t,
-            remaining: rems[t].0,
+            remaining: rows[t].0,
             reset_at: tats[t].max(now).div_ceil(1_000_000_000),
             retry_after_ms: d.retry_after_ns.div_ceil(1_000_000),
         }
@@ -310,7 +355,7 @@ impl MemoryStore {
         Ok(SyncOutcome {
             used,
             remaining: op.max.saturating_sub(used),
-            reset_at: (idx as u64 + 1) * w,
+            reset_at: sw_full_at(c, p, idx, w, now),
             // Same rounding as the script: never report more than was granted.
             weight: (weight * 1e9).floor() / 1e9,
         })
@@ -450,5 +495,113 @@ mod tests {
                 .unwrap()
                 .allowed
         );
+    }
+
+    /// Exact retry times: at `now + retry_after_ms` the same request is admitted, 1 ms
+    /// before it is not; at `reset_at` a request for the whole limit is admitted, 1 ms
+    /// before it is not.
+    fn assert_retry_and_reset_are_true(algo: Algorithm, lim: (u64, u64, u64), t0: f64) {
+        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+        let one = op(&[lim], 1);
+        let full = op(&[lim], lim.1);
+        let ms = 1000.0;
+        // Fill up, then the next one is refused.
+        let mut r = s.check_one(algo, &one, t0).unwrap();
+        while r.allowed {
+            r = s.check_one(algo, &one, t0).unwrap();
+        }
+        assert!(r.retry_after_ms > 0, "{r:?}");
+        let retry_at = t0 + r.retry_after_ms as f64 * ms;
+        // (A refused check changes nothing, so both probes see the same state.)
+        assert!(
+            !s.check_one(algo, &one, retry_at - ms).unwrap().allowed,
+            "{algo:?}: admitted 1 ms before retry_after"
+        );
+        assert!(
+            s.check_one(algo, &one, retry_at).unwrap().allowed,
+            "{algo:?}: refused at retry_after"
+        );
+        // reset_at: the whole limit fits then and not 1 ms before.
+        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+        let r = s.check_one(algo, &one, t0).unwrap();
+        assert!(r.allowed);
+        let reset_us = r.reset_at as f64 * 1e6;
+        assert!(reset_us > t0, "{r:?}");
+        assert!(
+            !s.check_one(algo, &full, reset_us - ms).unwrap().allowed,
+            "{algo:?}: whole limit fit 1 ms before reset_at"
+        );
+        assert!(
+            s.check_one(algo, &full, reset_us).unwrap().allowed,
+            "{algo:?}: whole limit refused at reset_at"
+        );
+    }
+
+    #[test]
+    fn retry_after_and_reset_at_name_the_time_a_retry_succeeds() {
+        // Whole-second starts, 0.2 s into a window, and a start with microseconds.
+        for t0 in [
+            1_000_000_000.0e6,
+            1_000_000_000.2e6,
+            1_000_000_001.234_567e6,
+        ] {
+            // The retry of a sliding window lands mid-window (the previous count decays).
+            assert_retry_and_reset_are_true(Algorithm::SlidingWindow, (10, 5, 5), t0);
+            assert_retry_and_reset_are_true(Algorithm::SlidingWindow, (2, 2, 2), t0);
+            assert_retry_and_reset_are_true(Algorithm::SlidingWindow, (60, 7, 7), t0);
+            // Token bucket: whole-second reset_at is rounded up from the bucket's time,
+            // so "1 ms before" holds only when the timestamp is on a whole second.
+            if t0 % 1e6 == 0.0 {
+                assert_retry_and_reset_are_true(Algorithm::TokenBucket, (2, 1, 1), t0);
+                assert_retry_and_reset_are_true(Algorithm::TokenBucket, (10, 5, 5), t0);
+            }
+        }
+    }
+
+    #[test]
+    fn sliding_window_retry_within_the_window_when_the_previous_count_decays() {
+        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+        let w0 = 1_000_000_000.0e6; // a 10 s window boundary
+                                    // 4 hits late in one window; in the next, halfway, 4 more do not fit (2 + 4 > 5).
+        assert!(
+            s.check_one(Algorithm::SlidingWindow, &op(&[(10, 5, 5)], 4), w0 + 9.9e6)
+                .unwrap()
+                .allowed
+        );
+        let four = op(&[(10, 5, 5)], 4);
+        let r = s
+            .check_one(Algorithm::SlidingWindow, &four, w0 + 15e6)
+            .unwrap();
+        assert!(!r.allowed);
+        // The previous 4 weigh 4·(1 − f); 4 more fit once that is 1: f = 0.75, 2.5 s on.
+        assert_eq!(r.retry_after_ms, 2500);
+        assert!(
+            !s.check_one(Algorithm::SlidingWindow, &four, w0 + 17.499e6)
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            s.check_one(Algorithm::SlidingWindow, &four, w0 + 17.5e6)
+                .unwrap()
+                .allowed
+        );
+    }
+
+    #[test]
+    fn a_refusal_describes_the_limit_that_refused() {
+        for algo in [Algorithm::SlidingWindow, Algorithm::TokenBucket] {
+            let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+            let t0 = 1_000_000_000.0e6;
+            // 5 per second and 6 per hour: after 5, two more are refused by both; the
+            // second has more left (1 vs 0) but keeps them out far longer, so the
+            // answer describes it (a client waiting for the first would retry in vain).
+            let limits = [(1, 5, 5), (3600, 6, 6)];
+            assert!(s.check_one(algo, &op(&limits, 5), t0).unwrap().allowed);
+            let r = s.check_one(algo, &op(&limits, 2), t0 + 0.5e6).unwrap();
+            assert!(!r.allowed);
+            assert_eq!(r.remaining, 1, "{algo:?}: {r:?}");
+            assert_eq!(r.tightest, 1, "{algo:?}: {r:?}");
+            assert!(r.retry_after_ms > 60_000, "{algo:?}: {r:?}");
+        }
     }
 }

@@ -77,8 +77,10 @@ pub struct SyncOutcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
-    /// Cannot reach the store (connection refused/reset, deadline).
+    /// Cannot reach the store (connection refused/reset/closed).
     Unavailable(String),
+    /// Reached, but no answer in time (a deadline, a response timeout).
+    Slow(String),
     /// The store answered with an error (MOVED loop, CLUSTERDOWN, script error, ...).
     Failed(String),
 }
@@ -88,6 +90,7 @@ impl StoreError {
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Unavailable(_) => "unavailable",
+            StoreError::Slow(_) => "slow",
             StoreError::Failed(_) => "failed",
         }
     }
@@ -97,6 +100,7 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
+            StoreError::Slow(m) => write!(f, "store too slow: {m}"),
             StoreError::Failed(m) => write!(f, "store error: {m}"),
         }
     }
