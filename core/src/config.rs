@@ -3,7 +3,8 @@
 //!
 //! Parsing is two steps. `serde` reads the JSON into `Raw*` structs that refuse unknown
 //! fields, duplicate fields (also inside `match.headers`, where names equal after
-//! lower-casing are duplicates) and anything after the JSON document, with
+//! lower-casing are duplicates), arrays in place of objects (`crate::strict`) and
+//! anything after the JSON document, with
 //! `serde_path_to_error` naming the field path; then [`compile`] checks every value and
 //! builds the runtime [`Config`]. Every refusal is one [`ConfigError`] whose `Display` is
 //! a single line `path: reason`, which is what the filter logs.
@@ -94,7 +95,7 @@ impl std::error::Error for ConfigError {}
 // The JSON shape.
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawConfig {
     rules: Vec<RawRule>,
     #[serde(default)]
@@ -114,7 +115,7 @@ struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawRule {
     id: String,
     #[serde(default)]
@@ -133,7 +134,7 @@ struct RawRule {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawMatch {
     path: String,
     #[serde(default)]
@@ -143,6 +144,10 @@ struct RawMatch {
     #[serde(default)]
     headers: Option<HeaderMatches>,
 }
+
+// Each record is read from a JSON object only (`[[]]` is not a configuration with no
+// rules, nor `[["id",0,...]]` a rule by position), each choice from a string only.
+crate::strict::deserialize_strictly!(RawConfig, RawRule, RawMatch, RawLimit, HeaderMode, Scope);
 
 /// `match.headers`: names to exact values, in file order. A JSON object may repeat a
 /// name (serde's maps keep the last one silently); here a repeated name, or two names
@@ -182,7 +187,7 @@ impl<'de> Deserialize<'de> for HeaderMatches {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawLimit {
     window: String,
     max: u64,
@@ -195,7 +200,7 @@ struct RawLimit {
 
 /// Which rate-limit headers go on responses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[serde(remote = "Self", rename_all = "kebab-case")]
 pub enum HeaderMode {
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (epoch seconds).
     #[default]
@@ -219,7 +224,7 @@ impl HeaderMode {
 /// of buckets) is built; `global` is the companion service's, and is refused until the
 /// filter speaks to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[serde(remote = "Self", rename_all = "kebab-case")]
 pub enum Scope {
     #[default]
     Local,

@@ -513,3 +513,50 @@ fn refusals_are_one_line_whatever_the_configuration_holds() {
     let line = parse(found).unwrap_err().to_string();
     assert!(line.starts_with("\\n: unknown field `\\n`"), "{line}");
 }
+
+/// Found by fuzzing (`fuzz/corpus/config/crash-1376774b…`, the 4 bytes `[[]]`): serde's
+/// derive reads a struct from an array by position, so `[[]]` started the filter with no
+/// rules (limits silently off) and `PUT /rate-limits/rules` took it too. Records are read
+/// from objects only, and the choices (`headers`, `scope`) from strings only.
+#[test]
+fn records_come_from_objects_and_choices_from_strings() {
+    let rule = r#"{"id":"a","match":{"path":"/"},"limits":[{"window":"1m","max":1}]}"#;
+    for (json, path) in [
+        ("[[]]".to_string(), ""),
+        (format!("[[{rule}]]"), ""),
+        (
+            r#"{"rules":[["a",0,{"path":"/"},null,[{"window":"1m","max":1}]]]}"#.into(),
+            "rules[0]",
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":["/"],"limits":[{"window":"1m","max":1}]}]}"#.into(),
+            "rules[0].match",
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/"},"limits":[["1m",1]]}]}"#.into(),
+            "rules[0].limits[0]",
+        ),
+        (r#"{"rules":[],"headers":{"ietf":null}}"#.into(), "headers"),
+        (r#"{"rules":[],"headers":["ietf"]}"#.into(), "headers"),
+        (
+            format!(
+                r#"{{"rules":[{}]}}"#,
+                rule.replace(r#""id":"a""#, r#""id":"a","scope":{"local":null}"#)
+            ),
+            "rules[0].scope",
+        ),
+    ] {
+        let e = parse(json.as_bytes()).unwrap_err();
+        assert_eq!(e.path, path, "{json}: {e}");
+        let expected = if path.ends_with("headers") || path.ends_with("scope") {
+            "expected a string"
+        } else {
+            "expected a JSON object"
+        };
+        assert!(e.reason.contains(expected), "{json}: {e}");
+    }
+    // The same configuration in objects and strings is fine.
+    let c = parse(format!(r#"{{"rules":[{rule}],"headers":"ietf"}}"#).as_bytes()).unwrap();
+    assert_eq!((c.rules.len(), c.headers), (1, HeaderMode::Ietf));
+    assert_eq!(parse_rules(b"[[]]").unwrap_err().path, "");
+}
