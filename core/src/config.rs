@@ -693,16 +693,25 @@ pub fn parse_window(w: &str) -> Result<u64, String> {
     if w.len() < 2 || w.len() > 12 {
         return Err(bad());
     }
-    let (num, unit) = w.split_at(w.len() - 1);
-    if !num.bytes().all(|b| b.is_ascii_digit()) {
+    // Split as bytes: the unit is one ASCII letter, and a window whose last character
+    // takes several bytes ("ŗ") is refused like any other, not cut inside that character.
+    let Some((&unit, digits)) = w.as_bytes().split_last() else {
+        return Err(bad());
+    };
+    if !digits.iter().all(u8::is_ascii_digit) {
         return Err(bad());
     }
-    let n: u64 = num.parse().map_err(|_| bad())?;
+    let n = digits
+        .iter()
+        .try_fold(0u64, |n, &d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .ok_or_else(bad)?;
     let unit_secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
+        b's' => 1,
+        b'm' => 60,
+        b'h' => 3600,
+        b'd' => 86_400,
         _ => return Err(bad()),
     };
     let secs = n.checked_mul(unit_secs).ok_or_else(bad)?;

@@ -560,3 +560,35 @@ fn records_come_from_objects_and_choices_from_strings() {
     assert_eq!((c.rules.len(), c.headers), (1, HeaderMode::Ietf));
     assert_eq!(parse_rules(b"[[]]").unwrap_err().path, "");
 }
+
+/// Found by fuzzing (`fuzz/corpus/config/crash-35b4de96…`, `"window": "ŗ"`): the window
+/// was split one byte before its end, inside a two-byte character, and the parser
+/// panicked, which takes the filter's VM down in `on_configure` (and the companion's
+/// `PUT /rate-limits/rules` handler with it). Every window that is not `<digits><unit>`
+/// is refused with the field named.
+#[test]
+fn windows_with_multi_byte_characters_are_refused_not_a_panic() {
+    for w in [
+        "\u{157}",
+        "1\u{157}",
+        "\u{e9}m",
+        "1m\u{e9}",
+        "\u{1f600}",
+        "\u{661}s",
+        "\u{ff11}m",
+    ] {
+        assert!(parse_window(w).is_err(), "{w:?}");
+        let json = one_rule("").replace("\"1m\"", &serde_json::to_string(w).unwrap());
+        let e = parse(json.as_bytes()).unwrap_err();
+        assert_eq!(e.path, "rules[0].limits[0].window", "{w:?}: {e}");
+    }
+    let found = include_bytes!(
+        "../../../fuzz/corpus/config/crash-35b4de96ba61fef2d0f8168a6d85244bb99cc991"
+    );
+    assert_eq!(parse(found).unwrap_err().path, "rules[0].limits[1].window");
+    // What a window is did not change.
+    assert_eq!(parse_window("90s"), Ok(90));
+    assert_eq!(parse_window("366d"), Ok(366 * 86_400));
+    assert!(parse_window("18446744073709551615s").is_err());
+    assert!(parse_window("99999999999d").is_err());
+}
