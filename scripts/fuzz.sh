@@ -73,7 +73,7 @@ for t in "${TARGETS[@]}"; do
     verdict="FAILED (exit $rc)"
     failed=1
     echo "---- $t: last lines of $log"
-    grep -v -E '^#[0-9]+ +(NEW|REDUCE|pulse|INITED)' "$log" | tail -40
+    grep -v -E '^#[0-9]+[[:space:]]' "$log" | grep -v -E '^ +[0-9]+: |^ +at ' | tail -40
     find "fuzz/artifacts/$t" -type f -newer "$stamp" | while read -r f; do
       echo "---- artefact $f ($(wc -c <"$f") bytes), base64:"
       base64 -w 76 "$f" | head -100

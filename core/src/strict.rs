@@ -11,9 +11,48 @@
 //! where it asks for an enum. Nested types go through their own impls, so the rule holds
 //! at every depth. Used by the plugin configuration ([`crate::config`]) and the wire
 //! types ([`crate::protocol`]).
+//!
+//! [`check_one_object`] and [`parse`] are how the companion reads a request body (its
+//! HTTP layer answers their errors with 400), here in the pure core so that the fuzz
+//! targets run exactly that code without the service's network stack.
 
 use core::fmt;
-use serde::de::{self, Deserializer, IntoDeserializer, MapAccess, Visitor};
+use serde::de::{
+    self, DeserializeOwned, Deserializer, IgnoredAny, IntoDeserializer, MapAccess, Visitor,
+};
+use serde::Deserialize;
+
+/// One JSON object and nothing after it (whitespace aside): not an array, not a bare
+/// value. Checked without building anything (`IgnoredAny`). The error is the detail of
+/// the companion's 400.
+pub fn check_one_object(bytes: &[u8]) -> Result<(), String> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err("body: must be one JSON object".into());
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    IgnoredAny::deserialize(&mut de)
+        .and_then(|_| de.end())
+        .map_err(|e| format!("body: {e}"))
+}
+
+/// Parses one JSON document into `T`, naming the offending field (`entries[3].key: ...`);
+/// trailing bytes are an error (serde_json's streaming deserializer stops at the end of
+/// the first value).
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })?;
+    de.end().map_err(|e| format!("body: {e}"))?;
+    Ok(v)
+}
 
 /// `impl Deserialize` for types derived with `#[serde(remote = "Self")]`: structs read
 /// only from a map, enums (unit variants only) only from a string.

@@ -113,7 +113,7 @@ impl Request<'_> {
             match s {
                 KeySource::Header(name) => match self.values(name).as_slice() {
                     [] => {}
-                    [one] if one.is_empty() => {}
+                    [[]] => {}
                     [one] => return ClientKey::Id(i, one.to_vec()),
                     _ => return ClientKey::Repeated(i),
                 },
@@ -284,7 +284,10 @@ fuzz_target!(|input: Input| {
         let d = decision(i);
         if !d.allowed {
             if !rules[i].shadow {
-                want = Some(Verdict::Rejected(Applied { rule: i, decision: d }));
+                want = Some(Verdict::Rejected(Applied {
+                    rule: i,
+                    decision: d,
+                }));
                 break;
             }
             want_tally.shadow_rejected += 1;
@@ -294,7 +297,10 @@ fuzz_target!(|input: Input| {
                 || (d.remaining == a.decision.remaining && d.reset_ns > a.decision.reset_ns)
         });
         if tighter {
-            described = Some(Applied { rule: i, decision: d });
+            described = Some(Applied {
+                rule: i,
+                decision: d,
+            });
         }
         if !rules[i].continues || want_charged.len() >= MAX_RULES_PER_REQUEST {
             break;

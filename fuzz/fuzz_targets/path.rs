@@ -124,20 +124,28 @@ fn tokens(normal: &[u8]) -> Vec<(Tok, Vec<u8>)> {
 }
 
 /// The `k`-th token (mod their number) for which `want` holds.
-fn nth(toks: &mut [(Tok, Vec<u8>)], k: u16, want: impl Fn(Tok) -> bool) -> Option<&mut (Tok, Vec<u8>)> {
+fn nth(
+    toks: &mut [(Tok, Vec<u8>)],
+    k: u16,
+    want: impl Fn(Tok) -> bool,
+) -> Option<&mut (Tok, Vec<u8>)> {
     let n = toks.iter().filter(|(t, _)| want(*t)).count();
     if n == 0 {
         return None;
     }
-    toks.iter_mut().filter(|(t, _)| want(*t)).nth(k as usize % n)
+    toks.iter_mut()
+        .filter(|(t, _)| want(*t))
+        .nth(k as usize % n)
 }
 
 /// Bytes that may sit in a `;params` without ending it or making the path invalid.
 fn params(raw: &[u8]) -> Vec<u8> {
     let mut out = vec![b';'];
-    out.extend(raw.iter().copied().filter(|&b| {
-        !(b < 0x20 || b == 0x7f || matches!(b, b'/' | b'\\' | b'?' | b'#' | b'%'))
-    }));
+    out.extend(
+        raw.iter().copied().filter(|&b| {
+            !(b < 0x20 || b == 0x7f || matches!(b, b'/' | b'\\' | b'?' | b'#' | b'%'))
+        }),
+    );
     out
 }
 
@@ -149,7 +157,9 @@ fn respell(normal: &[u8], edits: &[Spelling]) -> Vec<u8> {
     for e in edits {
         match e {
             Spelling::EncodeLiteral { at, lower } => {
-                if let Some((Tok::Literal(b), s)) = nth(&mut toks, *at, |t| matches!(t, Tok::Literal(_))) {
+                if let Some((Tok::Literal(b), s)) =
+                    nth(&mut toks, *at, |t| matches!(t, Tok::Literal(_)))
+                {
                     *s = if *lower {
                         format!("%{b:02x}")
                     } else {
@@ -159,7 +169,9 @@ fn respell(normal: &[u8], edits: &[Spelling]) -> Vec<u8> {
                 }
             }
             Spelling::LowerHex { at } => {
-                if let Some((Tok::Encoded(b), s)) = nth(&mut toks, *at, |t| matches!(t, Tok::Encoded(_))) {
+                if let Some((Tok::Encoded(b), s)) =
+                    nth(&mut toks, *at, |t| matches!(t, Tok::Encoded(_)))
+                {
                     *s = format!("%{b:02x}").into_bytes();
                 }
             }
@@ -247,7 +259,8 @@ fn check_normal(n: &[u8]) {
         if b == b'%' {
             let hex = &n[i + 1..i + 3];
             assert!(
-                hex.iter().all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(h)),
+                hex.iter()
+                    .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(h)),
                 "lower-case hex in {n:?}"
             );
             let v = u8::from_str_radix(std::str::from_utf8(hex).unwrap(), 16).unwrap();
@@ -280,7 +293,10 @@ fn rule(matcher: Matcher, i: usize) -> Rule {
 fuzz_target!(|input: Input| {
     let raw = input.raw;
     let normal = normalize(raw);
-    assert_eq!(normal.as_ref().err().copied(), expected_error(path_only(raw)));
+    assert_eq!(
+        normal.as_ref().err().copied(),
+        expected_error(path_only(raw))
+    );
     assert_eq!(with_normal(raw, <[u8]>::to_vec), normal);
     let Ok(n) = normal else {
         return;
@@ -346,13 +362,27 @@ fuzz_target!(|input: Input| {
         assert_eq!(hit, path_matches(&m, &normalize(&n).unwrap()));
         assert_eq!(hit, path_matches(&m, &normalize(&spelled).unwrap()));
         if !m.case_sensitive {
-            assert_eq!(hit, path_matches(&m, &upper), "case changed a case-insensitive match");
-            assert_eq!(hit, path_matches(&m, &lower), "case changed a case-insensitive match");
+            assert_eq!(
+                hit,
+                path_matches(&m, &upper),
+                "case changed a case-insensitive match"
+            );
+            assert_eq!(
+                hit,
+                path_matches(&m, &lower),
+                "case changed a case-insensitive match"
+            );
         }
         if !m.methods.is_empty() {
             let got = method_matches(&m.methods, input.method);
-            assert_eq!(got, method_matches(&m.methods, &input.method.to_ascii_lowercase()));
-            assert_eq!(got, method_matches(&m.methods, &input.method.to_ascii_uppercase()));
+            assert_eq!(
+                got,
+                method_matches(&m.methods, &input.method.to_ascii_lowercase())
+            );
+            assert_eq!(
+                got,
+                method_matches(&m.methods, &input.method.to_ascii_uppercase())
+            );
         }
         rules.push(rule(m, i));
     }
@@ -395,7 +425,11 @@ fuzz_target!(|input: Input| {
         .iter()
         .any(|r| path_matches(&r.matcher, &n) && !r.matcher.methods.is_empty());
     assert!(method_calls.get() <= 1, "method fetched twice");
-    assert_eq!(method_calls.get() == 1, asks_method, "method fetched without need");
+    assert_eq!(
+        method_calls.get() == 1,
+        asks_method,
+        "method fetched without need"
+    );
     let path_fit = rules.iter().filter(|r| path_matches(&r.matcher, &n));
     let most_headers: usize = path_fit.map(|r| r.matcher.headers.len()).sum();
     assert!(header_calls.get() <= most_headers);

@@ -38,16 +38,30 @@ pub fn check_error(e: &ConfigError) {
     );
 }
 
-/// An accepted input is one JSON document with no repeated key in any object and an
-/// object wherever the configuration has a record (never an array read by position).
+/// An accepted input is one JSON document with no repeated key in any object, an object
+/// wherever the configuration has a record (never an array read by position) and a
+/// string wherever it has a choice (or `null`, for an optional field left out).
 fn check_document(input: &[u8]) {
     let tree = Tree::parse(input).expect("accepted input is exactly one JSON document");
     assert_eq!(tree.duplicate_key(), None, "accepted a repeated key");
-    assert!(tree.is_object(), "accepted a top level that is not an object");
+    assert!(
+        tree.is_object(),
+        "accepted a top level that is not an object"
+    );
+    // `null` is how JSON leaves an optional field out.
+    let is_string = |t: &Tree| matches!(t, Tree::String(_) | Tree::Null);
+    if let Some(h) = tree.get("headers") {
+        assert!(is_string(h), "accepted headers that is not a string");
+    }
     let rules = tree.get("rules").expect("accepted without one \"rules\"");
     for rule in rules.items() {
         assert!(rule.is_object(), "accepted a rule that is not an object");
-        let m = rule.get("match").expect("accepted a rule without one \"match\"");
+        if let Some(s) = rule.get("scope") {
+            assert!(is_string(s), "accepted a scope that is not a string");
+        }
+        let m = rule
+            .get("match")
+            .expect("accepted a rule without one \"match\"");
         assert!(m.is_object(), "accepted a match that is not an object");
         if let Some(h) = m.get("headers") {
             let Tree::Object(members) = h else {
@@ -88,8 +102,7 @@ pub fn check_config(c: &Config) {
     );
     assert!(c.sets.is_power_of_two(), "sets {}", c.sets);
     assert!(
-        (slots::sets_for(MIN_MAX_CLIENTS)..=slots::sets_for(MAX_MAX_CLIENTS))
-            .contains(&c.sets),
+        (slots::sets_for(MIN_MAX_CLIENTS)..=slots::sets_for(MAX_MAX_CLIENTS)).contains(&c.sets),
         "sets {} outside what max_clients allows",
         c.sets
     );
@@ -130,7 +143,10 @@ fn check_rule(r: &Rule) {
     assert!(m.methods.len() <= MAX_METHODS);
     for (k, method) in m.methods.iter().enumerate() {
         assert!(is_token(method) && *method == method.to_ascii_uppercase());
-        assert!(!m.methods[..k].contains(method), "duplicate method {method:?}");
+        assert!(
+            !m.methods[..k].contains(method),
+            "duplicate method {method:?}"
+        );
     }
     assert!(m.headers.len() <= MAX_HEADER_MATCHES);
     for (k, (name, _)) in m.headers.iter().enumerate() {

@@ -191,8 +191,29 @@ const HEADER_VALUES: &[&str] = &["free", "premium", "", "a,b"];
 const HEADER_MODES: &[&str] = &["x-ratelimit", "ietf", "both", "none", "IETF", ""];
 const SCOPES: &[&str] = &["local", "global", "Local", ""];
 const UNKNOWN_NAMES: &[&str] = &["bogus", "rules", "id", "path", "window", "Rules", "x\ny"];
-const COUNTS: &[i128] = &[1, 2, 5, 10, 20, 100, 1000, 1_000_000_000, 1_000_000_001, 0, -1];
-const PRIORITIES: &[i128] = &[0, 1, -1, 10, 100, 2_147_483_647, -2_147_483_648, 2_147_483_648];
+const COUNTS: &[i128] = &[
+    1,
+    2,
+    5,
+    10,
+    20,
+    100,
+    1000,
+    1_000_000_000,
+    1_000_000_001,
+    0,
+    -1,
+];
+const PRIORITIES: &[i128] = &[
+    0,
+    1,
+    -1,
+    10,
+    100,
+    2_147_483_647,
+    -2_147_483_648,
+    2_147_483_648,
+];
 const MAX_CLIENTS: &[i128] = &[16, 15, 100_000, 1_048_576, 1_048_577, 0, 17, 1 << 40];
 
 /// How the JSON is spelled; two spellings of one configuration must parse alike.
@@ -286,9 +307,7 @@ impl Out {
             .into_iter()
             .flat_map(|(name, values)| {
                 let key = self.string(name);
-                values
-                    .into_iter()
-                    .map(move |v| format!("{key}{colon}{v}"))
+                values.into_iter().map(move |v| format!("{key}{colon}{v}"))
             })
             .collect();
         if let Some((name, junk)) = unknown {

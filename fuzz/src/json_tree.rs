@@ -21,20 +21,14 @@ impl Tree {
         serde_json::from_slice(bytes).ok()
     }
 
-    /// The members of an object named `key` (all of them, if it is repeated).
-    pub fn members<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a Tree> + 'a {
-        let members: &[(String, Tree)] = match self {
-            Tree::Object(m) => m,
-            _ => &[],
-        };
-        members.iter().filter(move |(k, _)| k == key).map(|(_, v)| v)
-    }
-
     /// The value of `key` in an object that holds it exactly once.
-    pub fn get<'a>(&'a self, key: &'a str) -> Option<&'a Tree> {
-        let mut it = self.members(key);
+    pub fn get(&self, key: &str) -> Option<&Tree> {
+        let Tree::Object(members) = self else {
+            return None;
+        };
+        let mut it = members.iter().filter(|(k, _)| k == key);
         match (it.next(), it.next()) {
-            (Some(v), None) => Some(v),
+            (Some((_, v)), None) => Some(v),
             _ => None,
         }
     }
