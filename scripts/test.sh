@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs, builds the filter, runs the unit tests,
-# then the end-to-end tests against a real Envoy. `.ci/run` runs this.
+# The whole test suite: installs what it needs, builds the filter, runs the unit tests
+# and a short fuzzing pass, then the end-to-end tests against a real Envoy. `.ci/run` runs this.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +38,11 @@ ls -l "$(scripts/build-filter.sh)"
 
 section "unit tests"
 cargo test --workspace --exclude meshlimit-e2e
+
+section "fuzzing: a short pass of every target (scripts/fuzz.sh ${FUZZ_SECONDS:-10})"
+# Replays every seed and kept crash input (fuzz/corpus/), then fuzzes each target for
+# FUZZ_SECONDS. README, "Fuzzing"; the long runs are `scripts/fuzz.sh 300`.
+scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 section "core unit tests inside wasm (wasm32-unknown-unknown under Node)"
 # The same tests as above, compiled to wasm and run by wasm-bindgen-test: the core
