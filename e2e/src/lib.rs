@@ -21,6 +21,7 @@ pub mod companion;
 pub mod delay_proxy;
 pub mod envoy;
 pub mod h2;
+pub mod istio;
 pub mod lb;
 pub mod load;
 pub mod netns;
