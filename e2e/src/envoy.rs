@@ -382,7 +382,7 @@ impl Envoy {
         Envoy::launch(bootstrap, launch)
     }
 
-    fn launch(bootstrap: &Value, launch: Launch) -> Result<Envoy, String> {
+    fn launch(bootstrap: &Value, launch: Launch<'_>) -> Result<Envoy, String> {
         let Launch {
             ip,
             port,
