@@ -30,7 +30,7 @@ pub mod redis_cluster;
 pub mod topology;
 pub mod upstream;
 
-pub use client::{send_concurrent, send_raw, send_raw_bytes, Client, Request, Response};
+pub use client::{send_concurrent, send_raw, Client, Request, Response};
 pub use envoy::{free_port, Envoy, EnvoyOptions, SHIPPED_PATH_OPTIONS};
 pub use h2::send_h2;
 pub use lb::LoadBalancer;

@@ -126,11 +126,6 @@ impl Proc {
             let _ = child.wait();
         }
     }
-
-    /// The last `lines` lines of the log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log, lines)
-    }
 }
 
 impl Drop for Proc {
