@@ -15,8 +15,8 @@
 //!   |  Envoy :10000 (admin |  |  Envoy :10000 (admin |  |  Envoy :10000 (admin |
 //!   |    :9901) -> upstream|  |    :9901) -> upstream|  |    :9901) -> upstream|
 //!   |  meshlimit_service = |  |  meshlimit_service = |  |  meshlimit_service = |
-//!   |   delay proxy :8181  |  |   delay proxy :8181  |  |   delay proxy :8181  |
-//!   |   -> companion :8081 |  |   -> companion :8081 |  |   -> companion :8081 |
+//!   |   delay proxy :8180  |  |   delay proxy :8180  |  |   delay proxy :8180  |
+//!   |   -> companion :8080 |  |   -> companion :8080 |  |   -> companion :8080 |
 //!   |  redis master A :7000|  |  redis master B :7000|  |  redis master C :7000|
 //!   |  replica of C   :7001|  |  replica of A   :7001|  |  replica of B   :7001|
 //!   |            10.77.0.1 |  |            10.77.0.2 |  |            10.77.0.3 |
@@ -79,8 +79,8 @@ pub use network::{cleanup_leftovers, leftovers, MachineLock};
 
 pub const ENVOY_PORT: u16 = 10000;
 pub const ENVOY_ADMIN_PORT: u16 = 9901;
-pub const COMPANION_PORT: u16 = 8081;
-pub const COMPANION_PROXY_PORT: u16 = 8181;
+pub const COMPANION_PORT: u16 = 8080;
+pub const COMPANION_PROXY_PORT: u16 = 8180;
 pub const REDIS_MASTER_PORT: u16 = 7000;
 pub const REDIS_REPLICA_PORT: u16 = 7001;
 /// Redis `cluster-node-timeout`: a master's replica is promoted about twice this after

@@ -181,6 +181,53 @@ fn companion_cluster_name_matches_the_manifests_and_their_comment() {
     assert!(text.contains(COMPANION_CLUSTER));
 }
 
+/// One port for the companion: the binary's default `--listen`, the demo's companion,
+/// the demo Envoy's `meshlimit_service` cluster, the three-AZ topology, and the Istio
+/// ServiceEntry (its port and target port).
+#[test]
+fn the_companion_port_is_one_everywhere() {
+    let out = std::process::Command::new(meshlimit_e2e::companion::companion_bin())
+        .arg("--help")
+        .output()
+        .expect("run meshlimit-service --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let listen = help
+        .split("[default: ")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .unwrap_or_else(|| panic!("no default --listen in:\n{help}"));
+    let port: u64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+
+    let root = meshlimit_e2e::repo_root();
+    let envoy = std::fs::read_to_string(root.join("envoy/envoy.yaml")).unwrap();
+    let envoy = &yaml_documents(&envoy, "envoy/envoy.yaml").unwrap()[0];
+    let cluster = envoy["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "meshlimit_service")
+        .expect("the meshlimit_service cluster");
+    let endpoint = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"];
+    assert_eq!(endpoint["address"]["socket_address"]["port_value"], port);
+
+    let demo = std::fs::read_to_string(root.join("scripts/demo.sh")).unwrap();
+    assert!(
+        demo.contains(&format!("\nSERVICE_PORT={port}\n")),
+        "scripts/demo.sh"
+    );
+    assert_eq!(u64::from(meshlimit_e2e::topology::COMPANION_PORT), port);
+
+    let se = manifest_of_kind("ServiceEntry");
+    let http = se["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["protocol"] == "HTTP")
+        .expect("an HTTP port");
+    assert_eq!(http["number"], port);
+    assert_eq!(http["targetPort"], port);
+}
+
 #[test]
 fn the_schemas_directory_is_required_with_a_clear_message() {
     let e = load_crds(Path::new("/nonexistent/shared/schemas"))
