@@ -2,7 +2,8 @@
 //! running the real filter wasm, in front of an in-process demo upstream, driven by a
 //! small HTTP client that can send any bytes. [`topology`] builds three AZs on one
 //! machine (network namespaces, a Redis Cluster, a companion and an Envoy per AZ) for the
-//! global-limit scenarios.
+//! global-limit scenarios. [`istio`] checks the Istio manifests against the Istio CRD
+//! schemas, as the API server would.
 //!
 //! ```no_run
 //! use meshlimit_e2e::*;
