@@ -255,7 +255,10 @@ pub fn admit(
 /// `tat`s to the new shares, stores them with their expiry, takes the reported count
 /// off `admitted` (requests admitted while the report was in flight stay) and notes
 /// when the report was sent.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one grant touches each of these; a struct would be built for this call alone"
+)]
 pub fn apply_grant(
     limits: &[Limit],
     tats: &mut [u64],
