@@ -147,7 +147,7 @@ struct RawMatch {
 
 // Each record is read from a JSON object only (`[[]]` is not a configuration with no
 // rules, nor `[["id",0,...]]` a rule by position), each choice from a string only.
-crate::strict::deserialize_strictly!(RawConfig, RawRule, RawMatch, RawLimit, HeaderMode, Scope);
+crate::json::deserialize_strictly!(RawConfig, RawRule, RawMatch, RawLimit, HeaderMode, Scope);
 
 /// `match.headers`: names to exact values, in file order. A JSON object may repeat a
 /// name (serde's maps keep the last one silently); here a repeated name, or two names

@@ -18,7 +18,7 @@
 //!   table entry, which share applies, admission at a share), [`report`] (which keys a
 //!   proxy reports, the bounded candidate and tracked sets), [`shares`] (the
 //!   companion's work-conserving share allocation).
-//! - [`strict`]: records are read from JSON objects only (never arrays by position),
+//! - [`json`]: records are read from JSON objects only (never arrays by position),
 //!   choices from strings only; the companion's body parsing.
 
 pub mod config;
@@ -32,7 +32,7 @@ pub mod path;
 pub mod protocol;
 pub mod report;
 pub mod shares;
-pub mod strict;
+pub mod json;
 pub mod table;
 
 /// The unit tests run natively with `cargo test` and, unchanged, inside wasm

@@ -33,7 +33,7 @@ pub const KEY_HEX_DIGITS: usize = 16;
 /// trait impls from this macro, reading through `crate::strict`.
 macro_rules! object_only {
     ($($t:ty),* $(,)?) => {$(
-        crate::strict::deserialize_strictly!($t);
+        crate::json::deserialize_strictly!($t);
         impl Serialize for $t {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 <$t>::serialize(self, s)

@@ -1,6 +1,6 @@
 //! The companion's request bodies, read as its HTTP layer reads them
-//! (`redis-service/src/http.rs`): `meshlimit_core::strict::check_one_object` for every
-//! body, then `strict::parse` into the endpoint's type and its `validate` (what
+//! (`redis-service/src/http.rs`): `meshlimit_core::json::check_one_object` for every
+//! body, then `json::parse` into the endpoint's type and its `validate` (what
 //! `Service::check`/`sync` call), or `config::parse_rules` for `PUT /rate-limits/rules`.
 //! Every input is tried as each body: `/rate-limit/check`, `/v1/sync` (today's
 //! `SyncRequest` and the global-scope `SyncReport`), `/v1/strict` and the rules.
@@ -15,7 +15,7 @@
 use libfuzzer_sys::fuzz_target;
 use meshlimit_core::config;
 use meshlimit_core::protocol::{CheckRequest, StrictRequest, SyncReport, SyncRequest};
-use meshlimit_core::strict::{check_one_object, parse};
+use meshlimit_core::json::{check_one_object, parse};
 use meshlimit_fuzz::config_checks;
 use meshlimit_fuzz::json_tree::Tree;
 use serde::de::DeserializeOwned;

@@ -250,16 +250,16 @@ fn require_json_content_type(h: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// One JSON object and nothing after it (whitespace aside); see
-/// [`meshlimit_core::strict::check_one_object`].
+/// [`meshlimit_core::json::check_one_object`].
 fn check_one_object(bytes: &[u8]) -> Result<(), ApiError> {
-    meshlimit_core::strict::check_one_object(bytes)
+    meshlimit_core::json::check_one_object(bytes)
         .map_err(|d| ApiError::new(400, "bad_request", d))
 }
 
 /// Parses one JSON document into `T`, naming the offending field; trailing bytes are an
-/// error. See [`meshlimit_core::strict::parse`].
+/// error. See [`meshlimit_core::json::parse`].
 pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    meshlimit_core::strict::parse(bytes).map_err(|d| ApiError::new(400, "bad_request", d))
+    meshlimit_core::json::parse(bytes).map_err(|d| ApiError::new(400, "bad_request", d))
 }
 
 async fn check(

@@ -60,7 +60,7 @@ macro_rules! deserialize_strictly {
     ($($t:ty),* $(,)?) => {$(
         impl<'de> serde::Deserialize<'de> for $t {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                <$t>::deserialize(crate::strict::Strict(d))
+                <$t>::deserialize(crate::json::Strict(d))
             }
         }
     )*};
