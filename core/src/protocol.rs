@@ -77,11 +77,7 @@ pub struct ErrorBody {
     pub detail: String,
 }
 
-object_only!(
-    CheckRequest,
-    CheckResponse,
-    ErrorBody,
-);
+object_only!(CheckRequest, CheckResponse, ErrorBody,);
 
 /// A rule id as the plugin configuration allows them (`[A-Za-z0-9_.-]`, 1..=64 bytes):
 /// a report names the filter's own rules, so anything else is not from a filter.
@@ -438,10 +434,16 @@ mod tests {
             .starts_with("entries: 10001 entries"));
         let mut bad = report.clone();
         bad.entries[0].admitted = MAX_HITS + 1;
-        assert!(bad.validate().unwrap_err().starts_with("entries[0].admitted"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .starts_with("entries[0].admitted"));
         let mut bad = report.clone();
         bad.entries[0].span_ms = 0;
-        assert!(bad.validate().unwrap_err().starts_with("entries[0].span_ms"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .starts_with("entries[0].span_ms"));
         let mut bad = report;
         bad.proxy_id = "p".repeat(MAX_PROXY_ID_LEN + 1);
         assert!(bad.validate().unwrap_err().starts_with("proxy_id:"));
@@ -451,7 +453,9 @@ mod tests {
 
     #[test]
     fn sync_key_and_rule_formats() {
-        assert!(reported("api.v1_x-y", "0123456789abcdef").validate().is_ok());
+        assert!(reported("api.v1_x-y", "0123456789abcdef")
+            .validate()
+            .is_ok());
         for key in [
             "",
             "0123456789abcde",
@@ -482,7 +486,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid type: sequence"), "{e}");
-        let nested = r#"{"proxy_id":"a","interval_ms":1,"entries":[["api","0123456789abcdef",[],1,0,1]]}"#;
+        let nested =
+            r#"{"proxy_id":"a","interval_ms":1,"entries":[["api","0123456789abcdef",[],1,0,1]]}"#;
         let e = serde_json::from_str::<SyncReport>(nested)
             .unwrap_err()
             .to_string();
