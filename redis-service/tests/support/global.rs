@@ -28,7 +28,7 @@ pub fn fresh_key() -> String {
 
 /// A unique proxy id (the filter's `node.id/nonce` shape).
 pub fn fresh_proxy(name: &str) -> String {
-    format!("{name}/{}", &fresh_key()[8..])
+    format!("{name}/{}", fresh_key().get(8..).unwrap_or_default())
 }
 
 pub fn limit(window_secs: u64, max: u64, burst: u64) -> Value {
