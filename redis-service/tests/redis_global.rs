@@ -40,6 +40,28 @@ async fn global_scope_on_redis_across_two_instances() {
     // The registry is the store's: both instances count the same proxies.
     let heartbeat = sync(&s.client, &b, 1000, vec![]).await;
     assert_eq!(heartbeat["proxies"], jb["proxies"]);
+    // Memory per record: one with a single peer, one with two (the key above).
+    let lone = fresh_key();
+    sync(&s.client, &a, 1000, vec![entry(&lone, &lim, 5, 0, 1000)]).await;
+    let tag = |k: &str| {
+        KeyMaker::new("ml", b"meshlimit client id v1").record_key(
+            &KeyMaker::new("ml", b"meshlimit client id v1").tag(Namespace::Sync, "g", k),
+            3600,
+            1000,
+            1000,
+        )
+    };
+    let mem = |k: &str| -> u64 {
+        redis
+            .cli(&["MEMORY", "USAGE", &tag(k)])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let (one, two) = (mem(&lone), mem(&key));
+    println!("record memory: {one} B with one peer, {two} B with two");
+    assert!(one > 0 && one <= 256 && two <= one + 96, "{one} / {two}");
     // Records carry the limit in their key and expire; the registry is one key.
     let keys = redis.cli(&["--scan", "--pattern", "ml:*"]).unwrap();
     assert!(keys.contains("ml:{live}:proxies"), "{keys}");
