@@ -134,3 +134,66 @@ fn record<'a>(
 fn not_a_record() -> StoreError {
     StoreError::Failed("a record key holds another kind of value".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyMaker;
+    use crate::store::StoreLimit;
+
+    const MS: u64 = NS_PER_MS;
+
+    fn op(hits: u64, release: bool) -> SyncOp {
+        SyncOp {
+            tag: "s.g.k".into(),
+            limits: vec![StoreLimit {
+                window_secs: 1,
+                max: 100,
+                burst: 100,
+            }],
+            admitted: hits,
+            rejected: 0,
+            span_ms: 100,
+            release,
+        }
+    }
+
+    fn share(s: &MemoryStore, proxy: &str, hits: u64, now: u64) -> (u32, u32, bool) {
+        let p = ShareParams::default();
+        let o = s.sync_at(proxy, 100, &[op(hits, false)], &p, now).unwrap();
+        let k = o.keys[0].clone().unwrap();
+        (k.shares[0], o.proxies, k.pending)
+    }
+
+    #[test]
+    fn a_dead_proxys_share_returns_after_three_intervals_on_the_store_clock() {
+        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
+        let t0 = 1_700_000_000_000 * MS;
+        // Both far over the limit: the whole split in two, never more than the whole.
+        let mut now = t0;
+        let (mut a, mut b) = (0, 0);
+        for _ in 0..5 {
+            a = share(&s, "a", 1000, now).0;
+            b = share(&s, "b", 1000, now + MS).0;
+            assert!(a + b <= 1_000_000_000, "{a} + {b}");
+            now += 100 * MS;
+        }
+        assert!(a.abs_diff(b) < 10_000_000, "{a} / {b}");
+        // b silent: live until three of its intervals (300 ms) after its last report.
+        let last_b = now - 100 * MS + MS;
+        let (a_share, live, _) = share(&s, "a", 300, last_b + 299 * MS);
+        assert_eq!(live, 2);
+        assert!(a_share < 600_000_000, "{a_share}");
+        let (a_share, live, pending) = share(&s, "a", 1000, last_b + 300 * MS);
+        assert_eq!(live, 1);
+        assert!(a_share > 990_000_000 && !pending, "{a_share}");
+        // A release gives the share back at once and answers 0.
+        let p = ShareParams::default();
+        let o = s
+            .sync_at("a", 100, &[op(0, true)], &p, last_b + 301 * MS)
+            .unwrap();
+        assert_eq!(o.keys[0].clone().unwrap().shares, vec![0]);
+        let (c, _, _) = share(&s, "c", 1000, last_b + 302 * MS);
+        assert!(c > 990_000_000, "{c}");
+    }
+}
