@@ -31,8 +31,10 @@ pub const LIVE_INTERVALS: u64 = 3;
 pub const MAX_PROXIES: usize = 100_000;
 
 /// Most recently dead ids passed to the per-key script; past it the oldest deaths are
-/// left to the lease (their shares were given long ago or will be within it).
-pub const MAX_DEAD_PASSED: usize = 1_000;
+/// left to the lease. They travel in every `sync.lua` call of a report (up to 128 bytes
+/// each, a few hundred calls for a 10 000-entry report), so the bound keeps a churning
+/// fleet (every Envoy restart is a new id) from making reports megabytes larger.
+pub const MAX_DEAD_PASSED: usize = 256;
 
 /// Until when a report at `now_ms` keeps a proxy with interval `interval_ms` live.
 pub fn live_until(now_ms: u64, interval_ms: u64) -> u64 {
