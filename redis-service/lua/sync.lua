@@ -64,21 +64,28 @@ local function idiv(a, b)
   return q
 end
 
--- floor(a * b / c) for integers a, b >= 0, c > 0: Horner over b's digits in base 1000,
--- so no intermediate exceeds 2000 * c + a * 999.
+-- floor(a * b / c) for integers a, b >= 0, c > 0: Horner over b's digits in base 1000
+-- (most significant first), so no intermediate exceeds 2000 * c + a * 999. No table:
+-- this runs several times per record.
 local function mul_div(a, b, c)
-  local digits = {}
-  repeat
-    local d = b % 1000
-    digits[#digits + 1] = d
-    b = (b - d) / 1000
-  until b == 0
+  local x = a * b
+  if x < 9007199254740992 then
+    -- Below 2^53 the product is exact (a product at or above it never rounds below).
+    return idiv(x, c)
+  end
+  local p = 1
+  while p * 1000 <= b do
+    p = p * 1000
+  end
   local q, r = 0, 0
-  for i = #digits, 1, -1 do
-    local x = r * 1000 + a * digits[i]
+  while p >= 1 do
+    local d = idiv(b, p)
+    b = b - d * p
+    local x = r * 1000 + a * d
     local qi = idiv(x, c)
     q = q * 1000 + qi
     r = x - qi * c
+    p = p / 1000
   end
   return q
 end
@@ -154,13 +161,17 @@ local function water_level_of(total, xs)
 end
 
 -- shares::allocate_detailed on `peers` (a list of {id, demand, grant, updated}); returns
--- grant, target, the peers still live, and this proxy's peer (nil: not stored, there
--- are max_peers others). Only this proxy's peer changes.
+-- grant, target, this proxy's peer (nil: not stored, there are max_peers others) and
+-- the fields of the peers dropped (nil when none). Only this proxy's peer changes.
 local function allocate(peers, hits, max, window_ms, first_span_ms)
   local live = {}
+  local gone = nil
   for _, q in ipairs(peers) do
     if not dead[q.id] and q.updated + lease_ms > now_ms then
       live[#live + 1] = q
+    else
+      gone = gone or {}
+      gone[#gone + 1] = q.field
     end
   end
   local mine = nil
@@ -170,7 +181,7 @@ local function allocate(peers, hits, max, window_ms, first_span_ms)
     end
   end
   if mine == nil and #live >= max_peers then
-    return 0, 0, live, nil
+    return 0, 0, nil, gone
   end
   local span
   if mine ~= nil then
@@ -219,7 +230,7 @@ local function allocate(peers, hits, max, window_ms, first_span_ms)
   end
   local grant = math.min(target, math.max(0, ONE - others))
   live[mine].grant = grant
-  return grant, target, live, live[mine]
+  return grant, target, live[mine], gone
 end
 
 local hashes = {}
@@ -276,27 +287,25 @@ for r = 1, n_records do
   c = c + admitted
   local frac = (now - idx * w) / w
   local used = math.floor(p * (1 - frac) + c + 1e-9)
-  redis.call('HSET', key, 'i', idx, 'c', c, 'p', p)
 
   local grant, target = 0, 0
+  local mine = nil
   if mode == 0 then
-    local live, mine
-    grant, target, live, mine = allocate(peers, hits, max, w * 1000, first_span_ms)
-    local kept = {}
-    for _, q in ipairs(live) do
-      kept[q.id] = true
-    end
-    for _, q in ipairs(peers) do
-      if not kept[q.id] then
-        redis.call('HDEL', key, q.field)
-      end
-    end
-    if mine ~= nil then
-      redis.call('HSET', key, '@' .. me,
-        string.format('%.0f %.0f %.0f', mine.demand, mine.grant, mine.updated))
+    local gone
+    grant, target, mine, gone = allocate(peers, hits, max, w * 1000, first_span_ms)
+    -- Peers dropped (dead, or past the lease) go in one HDEL.
+    if gone ~= nil then
+      redis.call('HDEL', key, unpack(gone))
     end
   elseif mode == 1 then
     redis.call('HDEL', key, '@' .. me)
+  end
+  -- The count and this proxy's peer in one write.
+  if mine ~= nil then
+    redis.call('HSET', key, 'i', idx, 'c', c, 'p', p, '@' .. me,
+      string.format('%.0f %.0f %.0f', mine.demand, mine.grant, mine.updated))
+  else
+    redis.call('HSET', key, 'i', idx, 'c', c, 'p', p)
   end
   redis.call('PEXPIRE', key, math.max(w * 2000, lease_ms))
   out[r] = {grant, target, used}
