@@ -6,6 +6,10 @@
 #   BODY_BYTES=262144 scripts/bench-filter.sh      responses of 256 KB instead of 2 bytes
 #   WASM=target/wasm32-wasip1/release/meshlimit_filter.wasm scripts/bench-filter.sh
 #                                                  the module before wasm-trim
+#   BASELINE=/tmp/old/meshlimit.wasm scripts/bench-filter.sh
+#                                                  adds base-1 and base-10k: wasm-1 and
+#                                                  wasm-10k on another build of the
+#                                                  module, in the same interleaved rounds
 #
 # Cases (all the same Envoy, same route, same wrk script):
 #   none    Envoy without any rate-limit filter
@@ -40,6 +44,11 @@ BODY="$(head -c "$BODY_BYTES" /dev/zero | tr '\0' x)"
 WARMUP="${WARMUP:-2}"
 RUN_DIR="$ROOT/.run/bench"
 CASES=(none native wasm-floor wasm-1 wasm-10k)
+BASELINE="${BASELINE:-}"
+if [[ -n "$BASELINE" ]]; then
+  [[ -f "$BASELINE" ]] || { echo "error: BASELINE=$BASELINE is not a file" >&2; exit 1; }
+  CASES+=(base-1 base-10k)
+fi
 
 if [[ "$(nproc)" -lt 2 ]]; then
   echo "warning: fewer than 2 CPUs; Envoy and wrk will share one" >&2
@@ -68,7 +77,7 @@ mkdir -p "$RUN_DIR"
 # --- Envoy configurations -------------------------------------------------------------
 
 port_of() { # case -> listener port (admin is +100)
-  case "$1" in none) echo 10200 ;; native) echo 10201 ;; wasm-1) echo 10202 ;; wasm-10k) echo 10203 ;; wasm-floor) echo 10204 ;; esac
+  case "$1" in none) echo 10200 ;; native) echo 10201 ;; wasm-1) echo 10202 ;; wasm-10k) echo 10203 ;; wasm-floor) echo 10204 ;; base-1) echo 10205 ;; base-10k) echo 10206 ;; esac
 }
 
 filters_for() {
@@ -90,9 +99,11 @@ filters_for() {
                 default_value: { numerator: 100, denominator: HUNDRED }
 EOF
       ;;
-    wasm-1 | wasm-10k | wasm-floor)
+    wasm-1 | wasm-10k | wasm-floor | base-1 | base-10k)
       local plugin='{"rules":[{"id":"bench","match":{"path":"*"},"limits":[{"window":"1s","max":1000000000}]}]}'
       [[ "$1" == wasm-floor ]] && plugin='{"rules":[]}'
+      local module="$WASM"
+      [[ "$1" == base-* ]] && module="$BASELINE"
       cat <<EOF
           - name: envoy.filters.http.wasm
             typed_config:
@@ -103,7 +114,7 @@ EOF
                 vm_config:
                   vm_id: meshlimit
                   runtime: envoy.wasm.runtime.v8
-                  code: { local: { filename: "$WASM" } }
+                  code: { local: { filename: "$module" } }
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: '$plugin'
@@ -184,7 +195,7 @@ for c in "${CASES[@]}"; do
   done
 done
 
-keys_for() { [[ "$1" == wasm-10k ]] && echo 10000 || echo 1; }
+keys_for() { [[ "$1" == *-10k ]] && echo 10000 || echo 1; }
 
 pid_of() { # case -> Envoy pid
   local i

@@ -2,28 +2,28 @@
 //! clients, take tokens, answer 429 (or 400 for a request no rule can be applied to) or
 //! let the request through and put the rate-limit headers on its response.
 //!
-//! Host calls on the request path, for a request that one rule keyed by `x-api-key`
-//! applies to and that is admitted: `:path`, `:method` (only if a rule matching the path
-//! names methods), the `request.headers.<name>` property of each key header until one is
-//! present (plus the header map's first value when that value holds a comma, to tell a
-//! repeated header from a comma inside one), `source.address` once if an `ip` source is
-//! reached, the clock, one shared-data get and one CAS set per rule charged; then one
-//! `add` per rate-limit header on the response (3 for `x-ratelimit`). A request no rule
-//! matches costs one host call (`:path`); with no rules at all, none.
+//! Host calls on the request path (each is one function of [`crate::host`]), for a
+//! request that one rule keyed by `x-api-key` applies to and that is admitted: `:path`,
+//! `:method` (only if a rule matching the path names methods), the
+//! `request.headers.<name>` property of each key header until one is present (plus the
+//! header map's first value when that value holds a comma, to tell a repeated header
+//! from a comma inside one), `source.address` once if an `ip` source is reached, the
+//! clock, one shared-data get and one CAS set per rule charged; then one `add` per
+//! rate-limit header on the response (3 for `x-ratelimit`). A request no rule matches
+//! costs one host call (`:path`); with no rules at all, none.
 
 use std::cell::Cell;
 use std::rc::Rc;
 
-use meshlimit_core::config::HeaderMode;
+use meshlimit_core::config::{HeaderMode, Rule};
 use meshlimit_core::gcra::Decision;
-use meshlimit_core::headers::{self, num, Num, RateLimitValue};
+use meshlimit_core::headers::{RateLimitHeaders, Rejection};
 use meshlimit_core::matching::{self, HeaderValue, Tally, Verdict};
-use meshlimit_core::path;
-use proxy_wasm::hostcalls;
+use meshlimit_core::{path, table};
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, MapType};
+use proxy_wasm::types::Action;
 
-use crate::buckets;
+use crate::host::{self, EnvoySharedData};
 use crate::metrics::{self, Counter};
 use crate::root::Plugin;
 
@@ -51,43 +51,48 @@ impl RateLimitHttp {
     }
 }
 
-fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
 /// A key header, telling one from several. Envoy's header map answers only the first
 /// value of a repeated header, while the `request.headers.<name>` property joins every
 /// value with `,`; see `HeaderValue::from_joined`.
 fn key_header(name: &str) -> HeaderValue {
-    let joined = hostcalls::get_property(vec!["request", "headers", name])
-        .ok()
-        .flatten();
-    HeaderValue::from_joined(joined, || request_header(name))
+    HeaderValue::from_joined(host::request_header_joined(name), || {
+        host::request_header(name)
+    })
 }
 
 /// The client address Envoy computed: the TCP peer, or the trusted `x-forwarded-for` hop
 /// under `use_remote_address` and `xff_num_trusted_hops` (README, "Security").
 fn client_ip() -> Option<Vec<u8>> {
-    let addr = hostcalls::get_property(vec!["source", "address"]).ok()??;
+    let addr = host::source_address()?;
     Some(matching::strip_port(&addr).to_vec())
 }
 
-fn now_ns() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as u64)
+/// Takes a token from every limit of `rule` for the client with `fingerprint` (one
+/// shared-data get, and one CAS when admitted). A take the table cannot make (contention
+/// on one set past the retry bound, a shared-data failure) admits: a request the filter
+/// could not count is not refused for it, and the counter shows it happened.
+fn take(rule: &Rule, fingerprint: u64, sets: u32, now_ns: u64) -> Decision {
+    match table::take(&EnvoySharedData, &rule.limits, fingerprint, sets, now_ns) {
+        Ok(taken) => {
+            if taken.evicted_active {
+                metrics::count(Counter::Evicted);
+            }
+            taken.decision
+        }
+        Err(_) => {
+            metrics::count(Counter::FailedOpen);
+            Decision::UNMETERED
+        }
+    }
 }
 
 /// Answers 400 with a JSON body: the request has no path in normal form, or a key header
 /// came more than once.
 fn bad_request(body: &str) -> Action {
-    let _ = hostcalls::send_http_response(
+    host::send_response(
         400,
         vec![("content-type", "application/json")],
-        Some(body.as_bytes()),
+        body.as_bytes(),
     );
     Action::Pause
 }
@@ -95,44 +100,13 @@ fn bad_request(body: &str) -> Action {
 impl Outcome {
     /// The response headers of this outcome, formatted on the stack.
     fn headers<'p>(&self, plugin: &'p Plugin) -> RateLimitHeaders<'p> {
-        let o = self;
-        let rule = &plugin.config.rules[o.rule];
-        let limit = &rule.limits[o.decision.tightest.min(rule.limits.len() - 1)];
-        let d = &o.decision;
-        RateLimitHeaders {
-            mode: plugin.config.headers,
-            limit: num(limit.max),
-            remaining: num(d.remaining),
-            reset: num(headers::reset_epoch_secs(o.now_ns, d.reset_ns)),
-            policy: &plugin.policies[o.rule],
-            ratelimit: headers::ratelimit_header(&rule.id, limit, d.remaining, d.reset_ns),
-        }
-    }
-}
-
-struct RateLimitHeaders<'a> {
-    mode: HeaderMode,
-    limit: Num,
-    remaining: Num,
-    reset: Num,
-    policy: &'a str,
-    ratelimit: RateLimitValue,
-}
-
-impl RateLimitHeaders<'_> {
-    /// The (name, value) pairs the configured header style asks for.
-    fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        let x = self.mode.x_ratelimit();
-        let ietf = self.mode.ietf();
-        [
-            (x, "x-ratelimit-limit", self.limit.as_str()),
-            (x, "x-ratelimit-remaining", self.remaining.as_str()),
-            (x, "x-ratelimit-reset", self.reset.as_str()),
-            (ietf, "ratelimit-policy", self.policy),
-            (ietf, "ratelimit", self.ratelimit.as_str()),
-        ]
-        .into_iter()
-        .filter_map(|(on, k, v)| on.then_some((k, v)))
+        RateLimitHeaders::new(
+            plugin.config.headers,
+            &plugin.config.rules[self.rule],
+            &plugin.policies[self.rule],
+            &self.decision,
+            self.now_ns,
+        )
     }
 }
 
@@ -145,7 +119,7 @@ impl HttpContext for RateLimitHttp {
         if config.rules.is_empty() {
             return Action::Continue;
         }
-        let Some(raw_path) = request_header(":path") else {
+        let Some(raw_path) = host::request_header(":path") else {
             return Action::Continue;
         };
         // Fetched at most once per request, whichever rules ask for them.
@@ -156,8 +130,8 @@ impl HttpContext for RateLimitHttp {
             let candidates = matching::matching_rules(
                 &config.rules,
                 path,
-                || request_header(":method"),
-                request_header,
+                || host::request_header(":method"),
+                host::request_header,
             );
             matching::decide(
                 &config.rules,
@@ -169,9 +143,9 @@ impl HttpContext for RateLimitHttp {
                 },
                 |rule, fingerprint| {
                     if now.get() == 0 {
-                        now.set(now_ns());
+                        now.set(host::now_ns());
                     }
-                    buckets::take(rule, fingerprint, config.sets, now.get())
+                    take(rule, fingerprint, config.sets, now.get())
                 },
                 &mut tally,
             )
@@ -212,19 +186,15 @@ impl HttpContext for RateLimitHttp {
         };
         if !applied.decision.allowed && !config.rules[applied.rule].shadow {
             metrics::count(Counter::Rejected);
-            let rule = &config.rules[applied.rule];
-            let retry = headers::retry_after_secs(applied.decision.retry_after_ns);
-            let retry_s = num(retry);
-            let body = headers::rejection_body(&rule.id, retry);
+            let rejection = Rejection::new(&config.rules[applied.rule].id, &applied.decision);
             outcome.replied = true;
             // Set before replying: the local reply passes through on_http_response_headers.
             self.outcome = Some(outcome);
-            let rl = outcome.headers(&plugin);
+            let rate_limit = outcome.headers(&plugin);
+            // Retry-After, content-type and at most 5 rate-limit headers: one allocation.
             let mut reply: Vec<(&str, &str)> = Vec::with_capacity(7);
-            reply.push(("retry-after", retry_s.as_str()));
-            reply.push(("content-type", "application/json"));
-            reply.extend(rl.pairs());
-            let _ = hostcalls::send_http_response(429, reply, Some(body.as_bytes()));
+            reply.extend(rejection.headers(&rate_limit));
+            host::send_response(429, reply, rejection.body());
             return Action::Pause;
         }
         self.outcome = Some(outcome);
@@ -238,8 +208,8 @@ impl HttpContext for RateLimitHttp {
         if o.replied || self.plugin.config.headers == HeaderMode::None {
             return Action::Continue;
         }
-        for (k, v) in o.headers(&self.plugin).pairs() {
-            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, k, v);
+        for (name, value) in o.headers(&self.plugin).pairs() {
+            host::add_response_header(name, value);
         }
         Action::Continue
     }

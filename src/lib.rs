@@ -1,13 +1,16 @@
 //! meshlimit: a proxy-wasm rate-limit filter for Envoy and Istio.
 //!
-//! This crate is the thin adapter between Envoy and the pure core (`meshlimit-core`):
-//! - [`root`]: configuration, the bucket table set-up, metrics flushing on ticks;
-//! - [`http`]: per request, match a rule, find the client, decide, answer 429 or add
-//!   rate-limit headers to the response;
-//! - [`buckets`]: the table of token buckets in Envoy shared data (read + CAS);
+//! This crate is the thin adapter between Envoy and the pure core (`meshlimit-core`),
+//! which decides everything:
+//! - [`http`]: per request, match a rule, find the client, take tokens from the bucket
+//!   table, answer 429 (or 400) or add the rate-limit headers to the response;
+//! - [`root`]: per VM, the configuration, the bucket table set-up, metrics flushing on
+//!   ticks;
+//! - [`host`]: every proxy-wasm host call, including the shared data the core's bucket
+//!   table (`meshlimit_core::table`) reads and CAS-writes through;
 //! - [`metrics`]: counters kept in the VM and flushed to Envoy once per tick.
 
-mod buckets;
+mod host;
 mod http;
 mod metrics;
 mod root;

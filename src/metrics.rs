@@ -7,8 +7,7 @@
 
 use std::cell::Cell;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
+use crate::host;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Counter {
@@ -75,14 +74,14 @@ pub fn count_n(c: Counter, n: u32) {
 pub fn define() {
     let mut ids = [0u32; N];
     for (i, (_, name)) in COUNTERS.iter().enumerate() {
-        match hostcalls::define_metric(MetricType::Counter, name) {
-            Ok(id) => ids[i] = id,
-            Err(_) => return,
+        match host::define_counter(name) {
+            Some(id) => ids[i] = id,
+            None => return,
         }
     }
     IDS.with(|c| c.set(Some(ids)));
     // Defined up front so that it shows (as 0) before anything goes wrong.
-    let _ = hostcalls::define_metric(MetricType::Counter, CONFIG_ERRORS);
+    let _ = host::define_counter(CONFIG_ERRORS);
 }
 
 /// Adds the pending counts to Envoy's counters.
@@ -94,7 +93,7 @@ pub fn flush() {
         for (i, cell) in p.iter().enumerate() {
             let n = cell.replace(0);
             if n > 0 {
-                let _ = hostcalls::increment_metric(ids[i], n as i64);
+                host::increment_counter(ids[i], n);
             }
         }
     });
@@ -102,7 +101,7 @@ pub fn flush() {
 
 /// A refused configuration: counted at once (this is not the request path).
 pub fn config_error() {
-    if let Ok(id) = hostcalls::define_metric(MetricType::Counter, CONFIG_ERRORS) {
-        let _ = hostcalls::increment_metric(id, 1);
+    if let Some(id) = host::define_counter(CONFIG_ERRORS) {
+        host::increment_counter(id, 1);
     }
 }

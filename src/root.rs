@@ -1,16 +1,16 @@
-//! The root context: reads and checks the plugin configuration, sets up the bucket
-//! table and the metrics, and flushes metrics on each tick.
+//! Per VM: read and check the plugin configuration, set up the bucket table and the
+//! metrics, build what every request needs, and flush the metrics on each tick.
 
 use std::rc::Rc;
 use std::time::Duration;
 
 use log::{error, info};
 use meshlimit_core::config::{self, Config};
-use meshlimit_core::headers;
+use meshlimit_core::{headers, table};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
-use crate::buckets;
+use crate::host::{self, EnvoySharedData};
 use crate::http::RateLimitHttp;
 use crate::metrics;
 
@@ -30,7 +30,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let bytes = host::plugin_configuration();
         let config = match config::parse(&bytes) {
             Ok(c) => c,
             Err(e) => {
@@ -41,7 +41,7 @@ impl RootContext for Root {
             }
         };
         metrics::define();
-        buckets::create_table(config.sets);
+        table::create(&EnvoySharedData, config.sets);
         let policies = config.rules.iter().map(headers::policy_header).collect();
         info!(
             "configured {} rules, {} bucket sets",
@@ -49,7 +49,7 @@ impl RootContext for Root {
             config.sets
         );
         self.plugin = Some(Rc::new(Plugin { config, policies }));
-        self.set_tick_period(Duration::from_secs(1));
+        host::set_tick_period(Duration::from_secs(1));
         true
     }
 

@@ -38,6 +38,20 @@ pub struct Decision {
     pub changed: bool,
 }
 
+impl Decision {
+    /// Admitted without a bucket: the table could not be updated (contention or a
+    /// shared-data failure), and the filter fails open rather than refuse a request it
+    /// could not count. Nothing to write; the headers say no token is left.
+    pub const UNMETERED: Decision = Decision {
+        allowed: true,
+        tightest: 0,
+        remaining: 0,
+        reset_ns: 0,
+        retry_after_ns: 0,
+        changed: false,
+    };
+}
+
 /// Checks `hits` against every limit; on success advances `tats` in place, on refusal
 /// leaves them untouched (a rejection changes no state, so it needs no write).
 ///

@@ -2,7 +2,7 @@
 //! request-time decision of which share its bucket runs at.
 //!
 //! **Entry layout.** A global rule's entry is the local entry (`limits ‖ fingerprint ‖
-//! tat per limit`, see [`crate::slots`]) followed by a trailer of
+//! tat per limit`, see [`crate::table`]) followed by a trailer of
 //! [`trailer_len`]`(k) = 4·k + 16` bytes, little-endian:
 //!
 //! | bytes | field | meaning |
@@ -255,7 +255,10 @@ pub fn admit(
 /// `tat`s to the new shares, stores them with their expiry, takes the reported count
 /// off `admitted` (requests admitted while the report was in flight stay) and notes
 /// when the report was sent.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one grant touches each of these; a struct would be built for this call alone"
+)]
 pub fn apply_grant(
     limits: &[Limit],
     tats: &mut [u64],

@@ -1,8 +1,9 @@
-//! Response header values and the 429 body, formatted into stack buffers so the request
-//! path allocates nothing for them.
+//! Which rate-limit headers a response gets, their values, and the 429 reply, formatted
+//! into stack buffers so the request path allocates nothing for them. The filter only
+//! hands the pairs to Envoy ([`RateLimitHeaders::pairs`], [`Rejection::headers`]).
 //!
-//! - `X-RateLimit-Limit` / `-Remaining` / `-Reset` as in the seed design; Reset is a Unix
-//!   epoch in seconds (when the limit is full again).
+//! - `X-RateLimit-Limit` / `-Remaining` / `-Reset`, the de-facto headers most API gateways
+//!   send; Reset is a Unix epoch in seconds (when the limit is full again).
 //! - `RateLimit-Policy` and `RateLimit` as in draft-ietf-httpapi-ratelimit-headers-10
 //!   (and -11): `RateLimit-Policy: "api_default-1s";q=10;w=1, "api_default-1m";q=100;w=60`
 //!   and `RateLimit: "api_default-1s";r=7;t=1`: `r` the tokens left, `t` the seconds until
@@ -14,7 +15,8 @@
 
 use core::fmt::{self, Write};
 
-use crate::config::{Limit, Rule};
+use crate::config::{HeaderMode, Limit, Rule};
+use crate::gcra::Decision;
 
 pub const NANOS: u64 = 1_000_000_000;
 
@@ -155,6 +157,90 @@ pub fn num(v: u64) -> Num {
     let mut s = Num::new();
     let _ = write!(s, "{v}");
     s
+}
+
+/// The rate-limit headers of one decision, in the configured style: what an admitted
+/// response gets, and what a 429 carries besides `Retry-After`.
+pub struct RateLimitHeaders<'a> {
+    mode: HeaderMode,
+    limit: Num,
+    remaining: Num,
+    reset: Num,
+    policy: &'a str,
+    ratelimit: RateLimitValue,
+}
+
+impl<'a> RateLimitHeaders<'a> {
+    /// The headers for `decision` on `rule` (whose `RateLimit-Policy` value is `policy`,
+    /// see [`policy_header`]), decided at `now_ns`. They describe the decision's
+    /// `tightest` limit.
+    pub fn new(
+        mode: HeaderMode,
+        rule: &Rule,
+        policy: &'a str,
+        decision: &Decision,
+        now_ns: u64,
+    ) -> Self {
+        let limit = &rule.limits[decision.tightest.min(rule.limits.len() - 1)];
+        RateLimitHeaders {
+            mode,
+            limit: num(limit.max),
+            remaining: num(decision.remaining),
+            reset: num(reset_epoch_secs(now_ns, decision.reset_ns)),
+            policy,
+            ratelimit: ratelimit_header(&rule.id, limit, decision.remaining, decision.reset_ns),
+        }
+    }
+
+    /// The (name, value) pairs the configured header style asks for.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let x = self.mode.x_ratelimit();
+        let ietf = self.mode.ietf();
+        [
+            (x, "x-ratelimit-limit", self.limit.as_str()),
+            (x, "x-ratelimit-remaining", self.remaining.as_str()),
+            (x, "x-ratelimit-reset", self.reset.as_str()),
+            (ietf, "ratelimit-policy", self.policy),
+            (ietf, "ratelimit", self.ratelimit.as_str()),
+        ]
+        .into_iter()
+        .filter_map(|(on, k, v)| on.then_some((k, v)))
+    }
+}
+
+/// The 429 a refused request gets: `Retry-After`, a JSON body naming the rule, and the
+/// rate-limit headers of the refusal.
+pub struct Rejection {
+    retry_after: Num,
+    body: BodyValue,
+}
+
+impl Rejection {
+    /// The reply to a refusal of `decision` by the rule `rule_id`.
+    pub fn new(rule_id: &str, decision: &Decision) -> Self {
+        let retry = retry_after_secs(decision.retry_after_ns);
+        Rejection {
+            retry_after: num(retry),
+            body: rejection_body(rule_id, retry),
+        }
+    }
+
+    /// The reply's headers: `retry-after`, `content-type`, then `rate_limit`'s pairs.
+    pub fn headers<'h>(
+        &'h self,
+        rate_limit: &'h RateLimitHeaders<'_>,
+    ) -> impl Iterator<Item = (&'static str, &'h str)> {
+        [
+            ("retry-after", self.retry_after.as_str()),
+            ("content-type", "application/json"),
+        ]
+        .into_iter()
+        .chain(rate_limit.pairs())
+    }
+
+    pub fn body(&self) -> &[u8] {
+        self.body.as_bytes()
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,18 @@ use support::*;
 async fn exact_limit_under_concurrency_across_two_instances() {
     let redis = RedisNode::start(false);
     for algo in ["sliding-window", "token-bucket"] {
-        let a = Service::start(&["--redis-url", &redis.url(), "--algorithm", algo]);
-        let b = Service::start(&["--redis-url", &redis.url(), "--algorithm", algo]);
+        // Atomicity is the point here, not the deadline (tested on its own below): a
+        // generous one keeps a loaded CI machine from sending a late call to the fallback.
+        let args = [
+            "--redis-url",
+            &redis.url(),
+            "--algorithm",
+            algo,
+            "--store-timeout-ms",
+            "2000",
+        ];
+        let a = Service::start(&args);
+        let b = Service::start(&args);
         let id = uniq("atomic");
         // "big" is 50 per hour: 400 requests, 64 in flight, alternating instances.
         let allowed = hammer(&[a.client.clone(), b.client.clone()], &id, "big", 400, 64).await;

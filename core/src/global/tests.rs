@@ -311,7 +311,11 @@ fn several_limits_are_all_or_nothing_at_a_share() {
     );
     let before = (tats, state);
     let a = admit(&l, &mut tats, &mut state, src, half, later, 1);
-    assert!(matches!(a, Admission::Bucket(d) if !d.allowed && d.tightest == 1));
+    // Only the per-second limit refuses (the per-minute one still holds a token): the
+    // decision describes the refusing limit, the one Retry-After comes from (a token
+    // every 0.2 s at half share).
+    assert!(matches!(a, Admission::Bucket(d)
+        if !d.allowed && d.tightest == 0 && d.retry_after_ns == 200_000_000));
     assert_eq!((tats, state), before, "a refusal charges neither limit");
     let mut buf = [0u8; trailer_len(2)];
     state.encode(2, &mut buf);

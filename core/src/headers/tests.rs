@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use super::*;
 use crate::config::parse;
 use crate::testing::test;
@@ -227,4 +229,115 @@ fn the_grammar_check_can_fail() {
         let caught = std::panic::catch_unwind(|| check_ietf_fields(p, r, retry));
         assert!(caught.is_err(), "{p} / {r} should fail");
     }
+}
+
+fn two_limit_rule() -> crate::config::Config {
+    parse(
+        br#"{"rules":[{"id":"api","match":{"path":"/api/*"},
+            "limits":[{"window":"1s","max":10},{"window":"1m","max":100}]}]}"#,
+    )
+    .unwrap()
+}
+
+#[test]
+fn rate_limit_headers_follow_the_configured_style_and_the_tightest_limit() {
+    use crate::gcra::check;
+    let c = two_limit_rule();
+    let rule = &c.rules[0];
+    let policy = policy_header(rule);
+    let now = 1_700_000_000 * S;
+    // The 1 s limit full, the minute (a token per 0.6 s) full again in 56.4 s: after
+    // this request 5 tokens are left there and 9 in the second, so the headers describe
+    // the minute.
+    let mut tats = [0, now + 56_400_000_000];
+    let d = check(&rule.limits, &mut tats, now, 1);
+    assert!(d.allowed);
+    assert_eq!((d.tightest, d.remaining), (1, 5));
+    let names = |mode| -> Vec<&'static str> {
+        RateLimitHeaders::new(mode, rule, &policy, &d, now)
+            .pairs()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    let x = [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ];
+    let ietf = ["ratelimit-policy", "ratelimit"];
+    assert_eq!(names(HeaderMode::XRatelimit), x);
+    assert_eq!(names(HeaderMode::Ietf), ietf);
+    assert_eq!(names(HeaderMode::Both), [&x[..], &ietf[..]].concat());
+    assert!(names(HeaderMode::None).is_empty());
+
+    let h = RateLimitHeaders::new(HeaderMode::Both, rule, &policy, &d, now);
+    let values: HashMap<&str, &str> = h.pairs().collect();
+    assert_eq!(values["x-ratelimit-limit"], "100");
+    assert_eq!(values["x-ratelimit-remaining"], "5");
+    let reset = reset_epoch_secs(now, d.reset_ns).to_string();
+    assert_eq!(values["x-ratelimit-reset"], reset);
+    assert_eq!(values["ratelimit-policy"], policy);
+    let (name, r, _) = check_ietf_fields(&policy, values["ratelimit"], None);
+    assert_eq!((name.as_str(), r), ("api-1m", 5));
+
+    // A decision naming a limit the rule does not have (a fail-open take names 0, but
+    // nothing else guards it) describes the rule's last limit, never panics.
+    let odd = Decision {
+        tightest: 7,
+        ..Decision::UNMETERED
+    };
+    let h = RateLimitHeaders::new(HeaderMode::XRatelimit, rule, &policy, &odd, now);
+    assert_eq!(h.pairs().next(), Some(("x-ratelimit-limit", "100")));
+}
+
+#[test]
+fn a_rejection_carries_retry_after_then_its_body_type_then_the_rate_limit_headers() {
+    use crate::gcra::check;
+    let c = parse(
+        br#"{"rules":[{"id":"login","match":{"path":"/login"},
+            "limits":[{"window":"1m","max":2}]}]}"#,
+    )
+    .unwrap();
+    let rule = &c.rules[0];
+    let policy = policy_header(rule);
+    let now = 1_700_000_000 * S;
+    let mut tats = [0u64; 1];
+    check(&rule.limits, &mut tats, now, 1);
+    check(&rule.limits, &mut tats, now, 1);
+    let d = check(&rule.limits, &mut tats, now + S / 2, 1);
+    assert!(!d.allowed);
+    let rejection = Rejection::new(&rule.id, &d);
+    // 30 s until a token is back, minus the half second already waited: 30 rounded up.
+    let headers = |mode| {
+        let rate_limit = RateLimitHeaders::new(mode, rule, &policy, &d, now + S / 2);
+        rejection
+            .headers(&rate_limit)
+            .map(|(k, v)| (k, v.to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let reset = reset_epoch_secs(now + S / 2, d.reset_ns).to_string();
+    assert_eq!(
+        headers(HeaderMode::XRatelimit),
+        [
+            ("retry-after", "30".to_owned()),
+            ("content-type", "application/json".to_owned()),
+            ("x-ratelimit-limit", "2".to_owned()),
+            ("x-ratelimit-remaining", "0".to_owned()),
+            ("x-ratelimit-reset", reset),
+        ]
+    );
+    let ietf = headers(HeaderMode::Ietf);
+    assert_eq!(ietf.len(), 4);
+    let (_, r, t) = check_ietf_fields(&ietf[2].1, &ietf[3].1, Some(30));
+    assert_eq!((r, t), (0, 30));
+    assert_eq!(
+        headers(HeaderMode::None).len(),
+        2,
+        "Retry-After is always sent"
+    );
+    let body: serde_json::Value = serde_json::from_slice(rejection.body()).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "rate_limited", "rule": "login", "retry_after": 30})
+    );
 }

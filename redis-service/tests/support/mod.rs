@@ -2,8 +2,12 @@
 //! service itself ([`service`]: the binary, or in-process), an HTTP client for it
 //! ([`client`], shared with the bench command), free ports and temp dirs ([`machine`]),
 //! and the contracts every store keeps ([`contracts`]). Each test file uses a part of
-//! it, hence `dead_code` and `unused_imports` allowed.
-#![allow(dead_code, unused_imports)]
+//! it.
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "each test binary uses only part of the shared support code"
+)]
 
 pub mod client;
 mod contracts;
