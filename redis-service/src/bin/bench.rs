@@ -18,7 +18,7 @@
 
 // The integration tests' client; the bench uses part of it.
 #[path = "../../tests/support/client.rs"]
-#[allow(dead_code, reason = "the bench uses part of the tests' client")]
+#[allow(dead_code, reason = "the bench uses only part of the tests' client")]
 mod client;
 
 use client::Client;

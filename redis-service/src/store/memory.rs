@@ -391,30 +391,21 @@ impl MemoryStore {
             .collect();
         let mut tats: Vec<u64> = keys.iter().map(|k| stored_tat(m, k, now)).collect();
         // Each limit on its own, from the timestamps before the check: how long it keeps
-        // this request out, and the bucket once the hits are forced into it (taken if
-        // they fit, else the bucket emptied: never charged beyond empty).
-        let alone: Vec<(u64, u64)> = limits
+        // this request out (what the headers name the tightest limit by).
+        let waits: Vec<u64> = limits
             .iter()
             .zip(&tats)
             .map(|(l, &t)| {
-                let mut tat = [t];
-                let d = gcra::check(std::slice::from_ref(l), &mut tat, now, op.hits);
-                let forced = if d.allowed {
-                    tat[0]
-                } else {
-                    now.saturating_add(l.depth_ns)
-                };
-                (d.retry_after_ns, forced)
+                gcra::check(std::slice::from_ref(l), &mut [t], now, op.hits).retry_after_ns
             })
             .collect();
-        let d = gcra::check(&limits, &mut tats, now, op.hits);
-        if !d.allowed && op.force {
-            // Reconciliation: charge what a fallback already admitted.
-            for (t, &(_, forced)) in tats.iter_mut().zip(&alone) {
-                *t = forced;
-            }
-        }
-        if d.changed || op.force {
+        // Reconciliation charges what a fallback already admitted, even over the limit.
+        let d = if op.force {
+            gcra::force(&limits, &mut tats, now, op.hits)
+        } else {
+            gcra::check(&limits, &mut tats, now, op.hits)
+        };
+        if d.changed {
             for (k, &tat) in keys.iter().zip(&tats) {
                 if tat > now {
                     let e = Entry {
@@ -428,8 +419,8 @@ impl MemoryStore {
         let states: Vec<LimitState<u64>> = limits
             .iter()
             .zip(&tats)
-            .zip(&alone)
-            .map(|((l, &t), &(wait, _))| {
+            .zip(&waits)
+            .map(|((l, &t), &wait)| {
                 let left = now.saturating_add(l.depth_ns).saturating_sub(t.max(now));
                 LimitState {
                     remaining: left / l.interval_ns,

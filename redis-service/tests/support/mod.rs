@@ -1,8 +1,8 @@
 //! Real parts for the integration tests: `redis-server` processes ([`redis`]), the
 //! service itself ([`service`]: the binary, or in-process), an HTTP client for it
 //! ([`client`], shared with the bench command), free ports and temp dirs ([`machine`]),
-//! and the contracts every store keeps ([`contracts`], [`global`] for global scope). Each test file uses a part of
-//! it, hence `dead_code` and `unused_imports` allowed.
+//! and the contracts every store keeps ([`contracts`], [`global`] for global scope).
+//! Each test file uses a part of it.
 #![allow(
     dead_code,
     unused_imports,
