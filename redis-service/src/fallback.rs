@@ -389,7 +389,10 @@ impl Fallback {
                             Ok(()) => {
                                 m.reconciled.fetch_add(1, Ordering::Relaxed);
                             }
-                            Err(_) => failed.push((*item).clone()),
+                            Err(e) => {
+                                tracing::debug!("a reported key's count not written back: {e}");
+                                failed.push((*item).clone())
+                            }
                         }
                     }
                 }
