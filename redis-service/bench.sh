@@ -4,7 +4,7 @@
 #
 #   redis-service/bench.sh [seconds]          (default 10 s per run)
 #
-# Env: CHECK_CONC (default 4), SYNC_CONC (default 4), SYNC_BATCH (default 1000),
+# Env: CHECK_CONC (default 4; also the strict checks' concurrency), SYNC_CONC (default 4), SYNC_BATCH (default 1000),
 #      MIXED_RATES (default "1 5 10": reports per second of MIXED_BATCH entries, default
 #      10 000, sent while checks run; one run per rate, against each Redis store),
 #      ONLY ("memory", "redis", "cluster": run that store only),
@@ -71,6 +71,7 @@ run() { # label
   echo "== $label"
   "$BENCH" --url "$SVC_URL" --token bench-token --mode check --seconds "$SECS" --concurrency "$CHECK_CONC" --clients 100000
   "$BENCH" --url "$SVC_URL" --token bench-token --mode sync --seconds "$SECS" --concurrency "$SYNC_CONC" --batch "$SYNC_BATCH" --clients 1000000
+  "$BENCH" --url "$SVC_URL" --token bench-token --mode strict --seconds "$SECS" --concurrency "$CHECK_CONC" --clients 100000
 }
 
 mixed() { # checks while large reports run, one line per report rate (service defaults)

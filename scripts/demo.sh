@@ -127,12 +127,12 @@ if [[ $CHECK == 1 ]]; then
   echo "upstream served: $(curl -s "http://127.0.0.1:$UPSTREAM_PORT/__hits") requests"
 
   say "the companion (in-memory store): a proxy's usage report to POST /v1/sync"
-  sync='{"proxy_id":"demo-envoy","zone":"az1","span_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","window_secs":60,"max":100,"admitted":5}]}'
+  sync='{"proxy_id":"demo-envoy","zone":"az1","interval_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","limits":[{"window_secs":60,"max":100,"burst":100}],"admitted":5,"span_ms":1000}]}'
   echo "  > $sync"
   answer="$(curl -s -X POST -H 'content-type: application/json' -d "$sync" \
     "http://127.0.0.1:$SERVICE_PORT/v1/sync")"
   echo "  < $answer"
-  if [[ "$answer" != *'"weight"'* ]]; then
+  if [[ "$answer" != *'"shares"'* ]]; then
     say "check failed: the companion did not answer the sync"
     exit 1
   fi
@@ -169,7 +169,7 @@ Try it (another terminal):
 
   # the companion: a proxy's usage report and the share it gets back
   curl -s -X POST localhost:$SERVICE_PORT/v1/sync -H 'content-type: application/json' \\
-    -d '{"proxy_id":"envoy-a","span_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","window_secs":60,"max":100,"admitted":5}]}'
+    -d '{"proxy_id":"envoy-a","interval_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","limits":[{"window_secs":60,"max":100,"burst":100}],"admitted":5,"span_ms":1000}]}'
 
 Ctrl-C stops everything.
 EOF

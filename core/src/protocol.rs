@@ -1,11 +1,12 @@
 //! The wire protocol between the filter and the companion service: one set of types,
 //! used by both sides, so they cannot drift.
 //!
-//! `POST /v1/sync` carries a proxy's batched report: per (rule, client key, window),
-//! what it admitted and rejected since its last report, with the limit itself (window,
-//! max, burst) so the filter's configuration stays the one source of truth for the
-//! limits it enforces. The answer gives, per entry, the global state and this proxy's
-//! share (`weight`) of the limit, valid for `ttl_ms`.
+//! `POST /v1/sync` carries a proxy's batched report ([`SyncReport`]): per (rule, client
+//! key), what it admitted and rejected since its last report, with the rule's limits
+//! themselves so the filter's configuration stays the one source of truth for the
+//! limits it enforces. The answer ([`SyncAnswer`]) gives, per entry, this proxy's share
+//! of each limit (parts per 10⁹), valid for `lease_ms`, and the number of live proxies.
+//! `POST /v1/strict` ([`StrictRequest`]) asks the companion to decide one request.
 //!
 //! `POST /rate-limit/check` is the seed's synchronous check against the companion's own
 //! rules file.
@@ -42,67 +43,6 @@ macro_rules! object_only {
     )*};
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(remote = "Self", deny_unknown_fields)]
-pub struct SyncRequest {
-    /// Stable id of the reporting Envoy (e.g. pod name).
-    pub proxy_id: String,
-    /// Its availability zone, for metrics and zone-aware shares.
-    #[serde(default)]
-    pub zone: String,
-    /// Milliseconds of traffic this report covers (durations, not timestamps: proxy
-    /// clocks may disagree; the companion times everything on the store's clock).
-    pub span_ms: u64,
-    pub entries: Vec<SyncEntry>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(remote = "Self", deny_unknown_fields)]
-pub struct SyncEntry {
-    pub rule: String,
-    /// Client fingerprint, 16 lower-case hex digits.
-    pub key: String,
-    pub window_secs: u64,
-    pub max: u64,
-    /// Bucket capacity; `max` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub burst: Option<u64>,
-    /// Requests this proxy admitted for the key since its last report.
-    pub admitted: u64,
-    /// Requests this proxy rejected for the key since its last report (demand signal).
-    #[serde(default)]
-    pub rejected: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(remote = "Self", deny_unknown_fields)]
-pub struct SyncResponse {
-    /// One per request entry, in the same order.
-    pub entries: Vec<SyncGrant>,
-    /// How long the weights stay valid; past it the filter falls back to its fair share.
-    pub ttl_ms: u64,
-    /// True while the companion answers from its local fallback (store unreachable).
-    #[serde(default)]
-    pub degraded: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(remote = "Self", deny_unknown_fields)]
-pub struct SyncGrant {
-    pub rule: String,
-    pub key: String,
-    pub window_secs: u64,
-    /// This proxy's share of the limit, in `0.0..=1.0`; the shares of all proxies for one
-    /// key sum to at most 1.
-    pub weight: f64,
-    /// Requests admitted globally (all proxies) in the current window.
-    pub used: u64,
-    /// What is left of the limit globally.
-    pub remaining: u64,
-    /// Unix epoch second when the window's count is back to zero.
-    pub reset_at: u64,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct CheckRequest {
@@ -137,15 +77,7 @@ pub struct ErrorBody {
     pub detail: String,
 }
 
-object_only!(
-    SyncRequest,
-    SyncEntry,
-    SyncResponse,
-    SyncGrant,
-    CheckRequest,
-    CheckResponse,
-    ErrorBody,
-);
+object_only!(CheckRequest, CheckResponse, ErrorBody,);
 
 /// A rule id as the plugin configuration allows them (`[A-Za-z0-9_.-]`, 1..=64 bytes):
 /// a report names the filter's own rules, so anything else is not from a filter.
@@ -159,60 +91,6 @@ fn valid_rule_id(id: &str) -> bool {
 /// A client fingerprint as the filter writes it: 16 lower-case hex digits.
 pub fn valid_key(key: &str) -> bool {
     key.len() == KEY_HEX_DIGITS && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-impl SyncRequest {
-    /// Bounds and shapes of a report; the first problem found, naming the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.proxy_id.is_empty() || self.proxy_id.len() > MAX_PROXY_ID_LEN {
-            return Err(format!("proxy_id: must be 1..={MAX_PROXY_ID_LEN} bytes"));
-        }
-        if self.zone.len() > MAX_ZONE_LEN {
-            return Err(format!("zone: longer than {MAX_ZONE_LEN} bytes"));
-        }
-        if self.entries.len() > MAX_SYNC_ENTRIES {
-            return Err(format!(
-                "entries: {} entries, at most {MAX_SYNC_ENTRIES}",
-                self.entries.len()
-            ));
-        }
-        for (i, e) in self.entries.iter().enumerate() {
-            e.validate().map_err(|m| format!("entries[{i}].{m}"))?;
-        }
-        Ok(())
-    }
-}
-
-impl SyncEntry {
-    pub fn validate(&self) -> Result<(), String> {
-        use crate::config::{Limit, MAX_COUNT, MAX_WINDOW_SECS};
-        if !valid_rule_id(&self.rule) {
-            return Err("rule: must be 1..=64 characters of [A-Za-z0-9_.-]".into());
-        }
-        if !valid_key(&self.key) {
-            return Err(format!(
-                "key: must be {KEY_HEX_DIGITS} lower-case hex digits (a client fingerprint)"
-            ));
-        }
-        if self.window_secs == 0 || self.window_secs > MAX_WINDOW_SECS {
-            return Err(format!("window_secs: out of range 1..={MAX_WINDOW_SECS}"));
-        }
-        if self.max == 0 || self.max > MAX_COUNT {
-            return Err(format!("max: out of range 1..={MAX_COUNT}"));
-        }
-        if let Some(b) = self.burst {
-            if b == 0 || b > MAX_COUNT {
-                return Err(format!("burst: out of range 1..={MAX_COUNT}"));
-            }
-        }
-        if Limit::new(self.window_secs, self.max, self.burst.unwrap_or(self.max)).is_none() {
-            return Err("burst: too large for the window".into());
-        }
-        if self.admitted > MAX_HITS || self.rejected > MAX_HITS {
-            return Err(format!("admitted/rejected: at most {MAX_HITS} per report"));
-        }
-        Ok(())
-    }
 }
 
 impl CheckRequest {
@@ -517,55 +395,67 @@ mod tests {
     use super::*;
     use crate::testing::test;
 
-    #[test]
-    fn sync_round_trip_and_bounds() {
-        let req = SyncRequest {
-            proxy_id: "envoy-a".into(),
-            zone: "az1".into(),
-            span_ms: 1000,
-            entries: vec![SyncEntry {
-                rule: "api".into(),
-                key: "00ff00ff00ff00ff".into(),
+    fn reported(rule: &str, key: &str) -> ReportedKey {
+        ReportedKey {
+            rule: rule.into(),
+            key: key.into(),
+            limits: vec![LimitSpec {
                 window_secs: 60,
                 max: 100,
-                burst: None,
-                admitted: 7,
-                rejected: 1,
+                burst: 100,
             }],
-        };
-        let json = serde_json::to_string(&req).unwrap();
-        let back: SyncRequest = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, req);
-        assert!(req.validate().is_ok());
+            admitted: 1,
+            rejected: 0,
+            span_ms: 1000,
+            release: false,
+        }
+    }
 
-        let mut bad = req.clone();
-        bad.entries[0].max = 0;
+    #[test]
+    fn report_bounds() {
+        let report = SyncReport {
+            proxy_id: "envoy-a/1".into(),
+            zone: "az1".into(),
+            interval_ms: 1000,
+            entries: vec![reported("api", "00ff00ff00ff00ff")],
+        };
+        assert!(report.validate().is_ok());
+        let mut bad = report.clone();
+        bad.entries[0].limits[0].max = 0;
         assert_eq!(
             bad.validate().unwrap_err(),
-            "entries[0].max: out of range 1..=1000000000"
+            "entries[0].limits[0].max: out of range 1..=1000000000"
         );
-        let mut bad = req.clone();
-        bad.entries = vec![req.entries[0].clone(); MAX_SYNC_ENTRIES + 1];
+        let mut bad = report.clone();
+        bad.entries = vec![report.entries[0].clone(); MAX_SYNC_ENTRIES + 1];
         assert!(bad
             .validate()
             .unwrap_err()
             .starts_with("entries: 10001 entries"));
-        let unknown = r#"{"proxy_id":"a","span_ms":1,"entries":[],"extra":1}"#;
-        assert!(serde_json::from_str::<SyncRequest>(unknown).is_err());
+        let mut bad = report.clone();
+        bad.entries[0].admitted = MAX_HITS + 1;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .starts_with("entries[0].admitted"));
+        let mut bad = report.clone();
+        bad.entries[0].span_ms = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .starts_with("entries[0].span_ms"));
+        let mut bad = report;
+        bad.proxy_id = "p".repeat(MAX_PROXY_ID_LEN + 1);
+        assert!(bad.validate().unwrap_err().starts_with("proxy_id:"));
+        let unknown = r#"{"proxy_id":"a","interval_ms":1,"entries":[],"extra":1}"#;
+        assert!(serde_json::from_str::<SyncReport>(unknown).is_err());
     }
 
     #[test]
     fn sync_key_and_rule_formats() {
-        let entry = |rule: &str, key: &str| SyncEntry {
-            rule: rule.into(),
-            key: key.into(),
-            window_secs: 60,
-            max: 100,
-            burst: None,
-            admitted: 1,
-            rejected: 0,
-        };
-        assert!(entry("api.v1_x-y", "0123456789abcdef").validate().is_ok());
+        assert!(reported("api.v1_x-y", "0123456789abcdef")
+            .validate()
+            .is_ok());
         for key in [
             "",
             "0123456789abcde",
@@ -576,14 +466,14 @@ mod tests {
             " 123456789abcdef",
             "0x23456789abcdef",
         ] {
-            let e = entry("api", key).validate().unwrap_err();
+            let e = reported("api", key).validate().unwrap_err();
             assert!(
                 e.starts_with("key: must be 16 lower-case hex"),
                 "{key:?}: {e}"
             );
         }
         for rule in ["", "a\0", "a b", "a{b}", "ü", &"r".repeat(65)] {
-            let e = entry(rule, "0123456789abcdef").validate().unwrap_err();
+            let e = reported(rule, "0123456789abcdef").validate().unwrap_err();
             assert!(e.starts_with("rule: "), "{rule:?}: {e}");
         }
     }
@@ -592,19 +482,20 @@ mod tests {
     fn objects_only_never_arrays() {
         // Fields by position would otherwise be accepted, at any depth.
         let top = r#"["envoy-a","",1000,[]]"#;
-        let e = serde_json::from_str::<SyncRequest>(top)
+        let e = serde_json::from_str::<SyncReport>(top)
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid type: sequence"), "{e}");
-        let nested = r#"{"proxy_id":"a","span_ms":1,"entries":[["api","0123456789abcdef",60,100,null,1,0]]}"#;
-        let e = serde_json::from_str::<SyncRequest>(nested)
+        let nested =
+            r#"{"proxy_id":"a","interval_ms":1,"entries":[["api","0123456789abcdef",[],1,0,1]]}"#;
+        let e = serde_json::from_str::<SyncReport>(nested)
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid type: sequence"), "{e}");
         let check = r#"["client","rule",1]"#;
         assert!(serde_json::from_str::<CheckRequest>(check).is_err());
         for t in [r#"[[],1,false]"#, r#"[true,1,2,3,null]"#] {
-            assert!(serde_json::from_str::<SyncResponse>(t).is_err(), "{t}");
+            assert!(serde_json::from_str::<SyncAnswer>(t).is_err(), "{t}");
             assert!(serde_json::from_str::<CheckResponse>(t).is_err(), "{t}");
         }
         assert!(serde_json::from_str::<ErrorBody>(r#"["a","b"]"#).is_err());

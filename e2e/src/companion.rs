@@ -261,7 +261,7 @@ impl Companion {
         self.client().try_send(&req)
     }
 
-    /// `POST /v1/sync` with `report` (a `meshlimit_core::protocol::SyncRequest` as JSON).
+    /// `POST /v1/sync` with `report` (a `meshlimit_core::protocol::SyncReport` as JSON).
     pub fn sync(&self, report: &Value) -> std::io::Result<Response> {
         self.post_json("/v1/sync", report)
     }

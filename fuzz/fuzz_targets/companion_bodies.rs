@@ -2,8 +2,8 @@
 //! (`redis-service/src/http.rs`): `meshlimit_core::json::check_one_object` for every
 //! body, then `json::parse` into the endpoint's type and its `validate` (what
 //! `Service::check`/`sync` call), or `config::parse_rules` for `PUT /rate-limits/rules`.
-//! Every input is tried as each body: `/rate-limit/check`, `/v1/sync` (today's
-//! `SyncRequest` and the global-scope `SyncReport`), `/v1/strict` and the rules.
+//! Every input is tried as each body: `/rate-limit/check`, `/v1/sync` (`SyncReport`),
+//! `/v1/strict` and the rules.
 //!
 //! Properties: nothing panics; a body is accepted only if it is one JSON object, with no
 //! key repeated in any object and an object wherever the type has a record; an accepted
@@ -14,7 +14,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshlimit_core::config;
-use meshlimit_core::protocol::{CheckRequest, StrictRequest, SyncReport, SyncRequest};
+use meshlimit_core::protocol::{CheckRequest, StrictRequest, SyncReport};
 use meshlimit_core::json::{check_one_object, parse};
 use meshlimit_fuzz::config_checks;
 use meshlimit_fuzz::json_tree::Tree;
@@ -94,7 +94,6 @@ fuzz_target!(|body: &[u8]| {
     }
 
     check_body::<CheckRequest>(body, CheckRequest::validate, &[&[]]);
-    check_body::<SyncRequest>(body, SyncRequest::validate, &[&[], &["entries", "*"]]);
     check_body::<SyncReport>(
         body,
         SyncReport::validate,

@@ -18,9 +18,9 @@ use crate::config::{Algorithm, Config, FailMode};
 use crate::keys::KeyMaker;
 use crate::metrics::Metrics;
 use crate::service::Source;
-use crate::shares::ShareParams;
 use crate::store::memory::{now_ns, unix_secs, MemoryStore, MAX_KEYS, SWEEP_EVERY};
-use crate::store::{CheckOp, CheckOutcome, Store, StoreLimit, SyncOp, SyncOutcome};
+use crate::store::{CheckOp, CheckOutcome, KeyOutcome, Store, StoreLimit, SyncOp};
+use meshlimit_core::shares::ShareParams;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +34,18 @@ const RECONCILE_BATCH: usize = 1000;
 /// What a degraded decision still has to add to the store.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PendingKey {
-    pub algo: Algorithm,
+    pub debt: Debt,
     pub tag: String,
     pub limits: Vec<StoreLimit>,
+}
+
+/// Where a debt is written back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Debt {
+    /// A check's counters, with a forced call of the algorithm's script.
+    Check(Algorithm),
+    /// A reported key's global counts ([`Store::add_counts`]).
+    Sync,
 }
 
 /// Counts owed to the store, at most `max` entries. Full, it drops the entry charged
@@ -280,7 +289,7 @@ impl Fallback {
         if out.allowed {
             self.owe(
                 PendingKey {
-                    algo,
+                    debt: Debt::Check(algo),
                     tag: op.tag.clone(),
                     limits: op.limits.clone(),
                 },
@@ -291,49 +300,62 @@ impl Fallback {
         (out, src)
     }
 
-    /// Answers one sync entry without the store: local count and local shares (among the
-    /// proxies that report to this instance), scaled by this instance's share.
-    pub fn sync(&self, proxy: &str, op: &SyncOp, p: &ShareParams, m: &Metrics) -> SyncOutcome {
-        let scaled_max = self.scale(&StoreLimit {
-            window_secs: op.window_secs,
-            max: op.max,
-            burst: op.max,
-        });
-        let local_op = SyncOp {
-            max: scaled_max.max,
-            ..op.clone()
+    /// Answers a report's entries without the store: this instance's own registry
+    /// and allocation (among the proxies that report to it while it is degraded), the
+    /// shares scaled per `--on-store-error`: `fallback` hands out `--fallback-share` of
+    /// what it allocates (so N instances at 1/N hand out at most the whole limit between
+    /// them), `open` all of it (each instance up to the whole: at most N times the limit
+    /// across N instances), `closed` nothing. What was admitted is owed to the store.
+    /// Returns the live count this instance knows and one outcome per op.
+    pub fn sync(
+        &self,
+        proxy: &str,
+        interval_ms: u64,
+        ops: &[SyncOp],
+        p: &ShareParams,
+        m: &Metrics,
+    ) -> (u32, Vec<KeyOutcome>) {
+        let zero = |op: &SyncOp| KeyOutcome {
+            shares: vec![0; op.limits.len()],
+            pending: false,
+            used: vec![0; op.limits.len()],
         };
-        let now = now_ns();
-        let mut out = match self.local.sync_one(proxy, &local_op, p, now) {
-            Ok(o) => o,
-            Err(_) => SyncOutcome {
-                used: 0,
-                remaining: 0,
-                reset_at: unix_secs(now) + op.window_secs,
-                weight: 0.0,
-            },
+        let local = self.local.sync_at(proxy, interval_ms, ops, p, now_ns());
+        let (proxies, keys) = match local {
+            Ok(o) => (
+                o.proxies,
+                (o.keys.into_iter().zip(ops))
+                    .map(|(k, op)| k.unwrap_or_else(|_| zero(op)))
+                    .collect(),
+            ),
+            // A full local table: no shares rather than unbounded memory.
+            Err(_) => (1, ops.iter().map(zero).collect::<Vec<_>>()),
         };
-        out.weight = match self.mode {
-            FailMode::Fallback => out.weight * self.share,
-            FailMode::Open => out.weight,
-            FailMode::Closed => 0.0,
-        };
-        if op.admitted > 0 {
+        let keys = keys
+            .into_iter()
+            .map(|mut k| {
+                for s in &mut k.shares {
+                    *s = match self.mode {
+                        FailMode::Fallback => (f64::from(*s) * self.share).floor() as u32,
+                        FailMode::Open => *s,
+                        FailMode::Closed => 0,
+                    };
+                }
+                k
+            })
+            .collect();
+        for op in ops.iter().filter(|op| op.admitted > 0) {
             self.owe(
                 PendingKey {
-                    algo: Algorithm::SlidingWindow,
+                    debt: Debt::Sync,
                     tag: op.tag.clone(),
-                    limits: vec![StoreLimit {
-                        window_secs: op.window_secs,
-                        max: op.max,
-                        burst: op.max,
-                    }],
+                    limits: op.limits.clone(),
                 },
                 op.admitted,
                 m,
             );
         }
-        out
+        (proxies, keys)
     }
 
     /// Writes what is owed to the store; what fails stays owed. Ok when all is written.
@@ -346,9 +368,42 @@ impl Fallback {
         let items: Vec<(PendingKey, u64)> = self.pending.lock().drain();
         let total = items.len();
         let mut failed: Vec<(PendingKey, u64)> = Vec::new();
+        let sync: Vec<&(PendingKey, u64)> =
+            items.iter().filter(|(k, _)| k.debt == Debt::Sync).collect();
+        for chunk in sync.chunks(RECONCILE_BATCH) {
+            let ops: Vec<SyncOp> = chunk
+                .iter()
+                .map(|(k, hits)| SyncOp {
+                    tag: k.tag.clone(),
+                    limits: k.limits.clone(),
+                    admitted: *hits,
+                    rejected: 0,
+                    span_ms: 1,
+                    release: false,
+                })
+                .collect();
+            match tokio::time::timeout(deadline, store.add_counts(&ops)).await {
+                Ok(rs) => {
+                    for (r, item) in rs.into_iter().zip(chunk) {
+                        match r {
+                            Ok(()) => {
+                                m.reconciled.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::debug!("a reported key's count not written back: {e}");
+                                failed.push((*item).clone())
+                            }
+                        }
+                    }
+                }
+                Err(_) => failed.extend(chunk.iter().map(|i| (*i).clone())),
+            }
+        }
         for algo in [Algorithm::SlidingWindow, Algorithm::TokenBucket] {
-            let mine: Vec<&(PendingKey, u64)> =
-                items.iter().filter(|(k, _)| k.algo == algo).collect();
+            let mine: Vec<&(PendingKey, u64)> = items
+                .iter()
+                .filter(|(k, _)| k.debt == Debt::Check(algo))
+                .collect();
             for chunk in mine.chunks(RECONCILE_BATCH) {
                 let ops: Vec<CheckOp> = chunk
                     .iter()
@@ -404,7 +459,7 @@ mod tests {
 
     fn key(n: u32) -> PendingKey {
         PendingKey {
-            algo: Algorithm::SlidingWindow,
+            debt: Debt::Check(Algorithm::SlidingWindow),
             tag: format!("c.r.{n}"),
             limits: vec![StoreLimit {
                 window_secs: 60,

@@ -15,7 +15,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use meshlimit_core::protocol::{CheckRequest, ErrorBody, SyncRequest, MAX_BODY_BYTES};
+use meshlimit_core::protocol::{
+    CheckRequest, ErrorBody, StrictAnswer, StrictRequest, SyncReport, MAX_BODY_BYTES,
+};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::sync::Arc;
@@ -57,6 +59,7 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/rate-limit/check", post(check))
         .route("/v1/sync", post(sync))
+        .route("/v1/strict", post(strict))
         .route("/rate-limits/rules", put(put_rules))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -154,6 +157,7 @@ async fn count_requests(State(st): State<AppState>, req: Request, next: Next) ->
     let endpoint: &'static str = match req.uri().path() {
         "/rate-limit/check" => "check",
         "/v1/sync" => "sync",
+        "/v1/strict" => "strict",
         "/rate-limits/rules" => "rules",
         "/metrics" => "metrics",
         "/readyz" => "readyz",
@@ -295,7 +299,7 @@ async fn sync(
     // Parsed, run and serialized on the reports' runtime (see `AppState::reports`).
     let work = async move {
         let _permit = permit;
-        let req: SyncRequest = parse_strict(&bytes)?;
+        let req: SyncReport = parse_strict(&bytes)?;
         let r = svc.sync(&req).await?;
         Ok::<_, ApiError>(serde_json::to_vec(&r).unwrap_or_default())
     };
@@ -310,6 +314,15 @@ async fn sync(
         None => work.await?,
     };
     Ok(json_bytes(body))
+}
+
+/// On the workers that answer checks, not the reports' runtime: a strict check holds a
+/// client's request in its proxy, like a check.
+async fn strict(
+    State(st): State<AppState>,
+    StrictJson(body): StrictJson<StrictRequest>,
+) -> Result<Json<StrictAnswer>, ApiError> {
+    st.svc.strict(&body).await.map(Json)
 }
 
 async fn put_rules(
@@ -359,7 +372,7 @@ mod tests {
         let e = parse_strict::<CheckRequest>(br#"{"client_id":"a","rule_id":5}"#).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.detail.starts_with("rule_id:"), "{}", e.detail);
-        let e = parse_strict::<SyncRequest>(br#"{"proxy_id":"p","span_ms":1,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":-3}]}"#).unwrap_err();
+        let e = parse_strict::<SyncReport>(br#"{"proxy_id":"p","interval_ms":1,"entries":[{"rule":"r","key":"k","limits":[],"admitted":-3,"span_ms":1}]}"#).unwrap_err();
         assert!(e.detail.starts_with("entries[0].admitted:"), "{}", e.detail);
     }
 

@@ -7,12 +7,25 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// `c` for `/rate-limit/check` clients, `s` for `/v1/sync` keys: the two never share
-/// counters (the filter's rule ids and the companion's rules file are separate spaces).
+/// `c` for `/rate-limit/check` clients, `s` for `/v1/sync` keys, `x` for `/v1/strict`
+/// keys: none shares counters with another (the filter's rule ids and the companion's
+/// rules file are separate spaces, and a strict rule's buckets are not a global rule's
+/// sliding-window counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Namespace {
     Check,
     Sync,
+    Strict,
+}
+
+impl Namespace {
+    fn byte(self) -> u8 {
+        match self {
+            Namespace::Check => b'c',
+            Namespace::Sync => b's',
+            Namespace::Strict => b'x',
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -43,10 +56,7 @@ impl KeyMaker {
         let mut m = self.mac.clone();
         m.update(&mac_input(ns, rule, client));
         let d = m.finalize().into_bytes();
-        let ns = match ns {
-            Namespace::Check => 'c',
-            Namespace::Sync => 's',
-        };
+        let ns = char::from(ns.byte());
         // Keep rule ids readable in `redis-cli --bigkeys`, but only safe bytes.
         let rule: String = rule
             .chars()
@@ -67,10 +77,19 @@ impl KeyMaker {
         format!("{}:{{{tag}}}:t{window_secs}.{max}.{burst}", self.prefix)
     }
 
-    /// Per-proxy demand and grants of one sync key and window (in-memory store; in Redis
-    /// they live in the sliding-window hash itself, see `lua/sync.lua`).
-    pub fn share_key(&self, tag: &str, window_secs: u64) -> String {
-        format!("{}:{{{tag}}}:h{window_secs}", self.prefix)
+    /// The record of one reported key and limit (`lua/sync.lua`): its global
+    /// sliding-window count and every proxy's demand and grant. The limit is in the key,
+    /// like a bucket's: two limits of one rule never share a record, and a changed limit
+    /// starts a fresh one (demands are parts of the limit they were measured against).
+    pub fn record_key(&self, tag: &str, window_secs: u64, max: u64, burst: u64) -> String {
+        format!("{}:{{{tag}}}:g{window_secs}.{max}.{burst}", self.prefix)
+    }
+
+    /// The liveness registry: every proxy that reported, with the store-clock time it
+    /// stops counting as live (a sorted set in Redis, see `lua/liveness.lua`). One key
+    /// for the whole fleet, so in a cluster it lives on one master.
+    pub fn registry_key(&self) -> String {
+        format!("{}:{{live}}:proxies", self.prefix)
     }
 }
 
@@ -79,10 +98,7 @@ impl KeyMaker {
 fn mac_input(ns: Namespace, rule: &str, client: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(2 + 16 + rule.len() + client.len());
     v.push(2);
-    v.push(match ns {
-        Namespace::Check => b'c',
-        Namespace::Sync => b's',
-    });
+    v.push(ns.byte());
     for field in [rule.as_bytes(), client.as_bytes()] {
         v.extend_from_slice(&(field.len() as u64).to_be_bytes());
         v.extend_from_slice(field);
@@ -120,6 +136,11 @@ mod tests {
         let b = k.tb_key(&tag, 60, 10, 10);
         assert_eq!(slot(&a), slot(&b));
         assert_ne!(tag, k.tag(Namespace::Sync, "api", "sk_live_very_secret"));
+        let strict = k.tag(Namespace::Strict, "api", "sk_live_very_secret");
+        assert!(strict.starts_with("x.api."), "{strict}");
+        // The namespace is in the MAC's input, not only in the readable prefix.
+        let sync = k.tag(Namespace::Sync, "api", "sk_live_very_secret");
+        assert_ne!(strict.get("x.api.".len()..), sync.get("s.api.".len()..));
         assert_ne!(
             tag,
             KeyMaker::new("ml", b"other").tag(Namespace::Check, "api", "sk_live_very_secret")

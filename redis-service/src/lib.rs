@@ -1,7 +1,8 @@
 //! meshlimit companion service: keeps the global counts that every proxy shares, in an
 //! embedded store, Redis, or Redis Cluster, and answers the filter's batched reports
-//! (`/v1/sync`) and a synchronous check (`/rate-limit/check`) for gateways that want
-//! one.
+//! (`/v1/sync`: shares of each key's limits, [`sync`], with the liveness registry of
+//! [`liveness`]), its strict checks (`/v1/strict`, [`strict`]) and a synchronous check
+//! (`/rate-limit/check`) for gateways that want one.
 //!
 //! The binary (`src/main.rs`) parses the command line and calls [`server::run`] with a
 //! [`service::Service`] set up by [`service::Service::start`]: the decisions live in
@@ -13,8 +14,10 @@ pub mod config;
 pub mod fallback;
 pub mod http;
 pub mod keys;
+pub mod liveness;
 pub mod metrics;
 pub mod server;
 pub mod service;
-pub mod shares;
 pub mod store;
+pub mod strict;
+pub mod sync;

@@ -39,21 +39,33 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The series of one histogram without its HELP/TYPE lines; `labels` (`k="v",`)
+    /// go before `le`, and alone on the sum and count.
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(
                 out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
+                "{name}_bucket{{{labels}le=\"{b}\"}} {}",
                 c.load(Ordering::Relaxed)
             );
         }
         let n = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {n}");
+        let bare = labels.trim_end_matches(',');
+        let labels = if bare.is_empty() {
+            String::new()
+        } else {
+            format!("{{{bare}}}")
+        };
         let _ = writeln!(
             out,
-            "{name}_sum {}",
+            "{name}_sum{labels} {}",
             self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
         );
-        let _ = writeln!(out, "{name}_count {n}");
+        let _ = writeln!(out, "{name}_count{labels} {n}");
     }
 }
 
@@ -69,10 +81,27 @@ pub struct Metrics {
     decisions: Mutex<BTreeMap<(&'static str, &'static str, Source), u64>>,
     /// error kind -> count
     store_errors: Mutex<BTreeMap<&'static str, u64>>,
-    pub store_latency: Histogram,
+    /// Latency of one store call, per endpoint: checks, reports, strict checks.
+    pub store_latency: StoreLatency,
     pub sync_batch: Histogram,
     pub reconciled: AtomicU64,
     pub reconcile_dropped: AtomicU64,
+    /// `/v1/sync` reports answered (heartbeats included) and the entries they carried.
+    pub sync_reports: AtomicU64,
+    pub sync_entries: AtomicU64,
+    /// Entries that gave their key up (`release`).
+    pub sync_releases: AtomicU64,
+    /// Live proxies, as the last report's answer counted them.
+    pub live_proxies: AtomicU64,
+    /// outcome (`allowed`, `denied`, `unavailable`) -> strict checks
+    strict: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// [`Metrics::store_latency`]: one histogram per endpoint.
+pub struct StoreLatency {
+    pub check: Histogram,
+    pub sync: Histogram,
+    pub strict: Histogram,
 }
 
 impl Default for Metrics {
@@ -81,10 +110,19 @@ impl Default for Metrics {
             requests: Mutex::new(BTreeMap::new()),
             decisions: Mutex::new(BTreeMap::new()),
             store_errors: Mutex::new(BTreeMap::new()),
-            store_latency: Histogram::new(LATENCY_BOUNDS),
+            store_latency: StoreLatency {
+                check: Histogram::new(LATENCY_BOUNDS),
+                sync: Histogram::new(LATENCY_BOUNDS),
+                strict: Histogram::new(LATENCY_BOUNDS),
+            },
             sync_batch: Histogram::new(BATCH_BOUNDS),
             reconciled: AtomicU64::new(0),
             reconcile_dropped: AtomicU64::new(0),
+            sync_reports: AtomicU64::new(0),
+            sync_entries: AtomicU64::new(0),
+            sync_releases: AtomicU64::new(0),
+            live_proxies: AtomicU64::new(0),
+            strict: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -117,6 +155,11 @@ impl Metrics {
             .or_default() += n;
     }
 
+    /// One strict check's outcome: `allowed`, `denied`, or `unavailable` (answered 503).
+    pub fn strict(&self, outcome: &'static str) {
+        *self.strict.lock().entry(outcome).or_default() += 1;
+    }
+
     pub fn store_error(&self, kind: &'static str) {
         *self.store_errors.lock().entry(kind).or_default() += 1;
     }
@@ -142,10 +185,32 @@ impl Metrics {
         for (k, n) in self.store_errors.lock().iter() {
             let _ = writeln!(o, "meshlimit_store_errors_total{{kind=\"{k}\"}} {n}");
         }
-        self.store_latency.render(
-            &mut o,
-            "meshlimit_store_latency_seconds",
-            "Latency of one store batch call.",
+        o.push_str("# HELP meshlimit_store_latency_seconds Latency of one store call, by endpoint (check, sync, strict).\n# TYPE meshlimit_store_latency_seconds histogram\n");
+        for (e, h) in [
+            ("check", &self.store_latency.check),
+            ("sync", &self.store_latency.sync),
+            ("strict", &self.store_latency.strict),
+        ] {
+            h.render_series(
+                &mut o,
+                "meshlimit_store_latency_seconds",
+                &format!("endpoint=\"{e}\","),
+            );
+        }
+        o.push_str("# HELP meshlimit_strict_decisions_total Strict checks by outcome: allowed, denied, unavailable (the store could not decide; answered 503).\n# TYPE meshlimit_strict_decisions_total counter\n");
+        for (k, n) in self.strict.lock().iter() {
+            let _ = writeln!(o, "meshlimit_strict_decisions_total{{outcome=\"{k}\"}} {n}");
+        }
+        let _ = write!(
+            o,
+            "# HELP meshlimit_sync_reports_total /v1/sync reports answered (heartbeats included).\n# TYPE meshlimit_sync_reports_total counter\nmeshlimit_sync_reports_total {}\n\
+             # HELP meshlimit_sync_entries_total Reported keys in /v1/sync reports.\n# TYPE meshlimit_sync_entries_total counter\nmeshlimit_sync_entries_total {}\n\
+             # HELP meshlimit_sync_releases_total Reported keys that gave their share back (release).\n# TYPE meshlimit_sync_releases_total counter\nmeshlimit_sync_releases_total {}\n\
+             # HELP meshlimit_live_proxies Live proxies (a sync within three of their intervals), as the last report counted them.\n# TYPE meshlimit_live_proxies gauge\nmeshlimit_live_proxies {}\n",
+            self.sync_reports.load(Ordering::Relaxed),
+            self.sync_entries.load(Ordering::Relaxed),
+            self.sync_releases.load(Ordering::Relaxed),
+            self.live_proxies.load(Ordering::Relaxed),
         );
         self.sync_batch.render(
             &mut o,

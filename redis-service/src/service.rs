@@ -6,11 +6,11 @@ use crate::config::{Algorithm, Config};
 use crate::fallback::Fallback;
 use crate::keys::{KeyMaker, Namespace};
 use crate::metrics::{Gauges, Metrics};
-use crate::shares::{ShareParams, MAX_PEERS};
-use crate::store::{self, CheckOp, CheckOutcome, Store, StoreError, StoreLimit, SyncOp};
+use crate::store::{self, CheckOp, CheckOutcome, Store, StoreError, StoreLimit};
 use axum::http::StatusCode;
 use meshlimit_core::config::Rule;
-use meshlimit_core::protocol::{CheckRequest, CheckResponse, SyncGrant, SyncRequest, SyncResponse};
+use meshlimit_core::protocol::{CheckRequest, CheckResponse};
+use meshlimit_core::shares::ShareParams;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,10 +30,6 @@ const READY_PING_DEADLINE: Duration = Duration::from_millis(500);
 
 /// The least probe interval.
 const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(10);
-
-/// A report's span: the one a span of 0 stands for, and the longest one believed.
-const DEFAULT_SPAN_MS: u64 = 1000;
-const MAX_SPAN_MS: u64 = 86_400_000;
 
 /// Who decided: the metrics' `source` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -84,13 +80,13 @@ impl ApiError {
 pub struct Service {
     algorithm: Algorithm,
     rules: RwLock<Arc<HashMap<String, Rule>>>,
-    store: Arc<dyn Store>,
-    fallback: Fallback,
-    metrics: Metrics,
-    keys: KeyMaker,
-    share: ShareParams,
-    deadline: Duration,
-    sync_deadline: Duration,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) fallback: Fallback,
+    pub(crate) metrics: Metrics,
+    pub(crate) keys: KeyMaker,
+    pub(crate) share: ShareParams,
+    pub(crate) deadline: Duration,
+    pub(crate) sync_deadline: Duration,
     /// When the store last answered anything (nanoseconds since `epoch`).
     last_answer_ns: AtomicU64,
     epoch: Instant,
@@ -149,12 +145,7 @@ impl Service {
             fallback,
             metrics: Metrics::default(),
             keys,
-            share: ShareParams {
-                ttl_ms: cfg.share_ttl_ms,
-                floor: cfg.share_floor,
-                max_peers: MAX_PEERS,
-                headroom: cfg.share_headroom,
-            },
+            share: cfg.share_params(),
             deadline: cfg.store_timeout(),
             sync_deadline: cfg.sync_timeout(),
             last_answer_ns: AtomicU64::new(0),
@@ -231,7 +222,7 @@ impl Service {
     /// either: reports queue behind each other when they come faster than the store
     /// takes them, and that must not send every check to the fallback. A store that is
     /// really gone refuses connections (which does switch) or fails checks too.
-    fn store_failed(&self, e: &StoreError, from_report: bool) {
+    pub(crate) fn store_failed(&self, e: &StoreError, from_report: bool) {
         self.metrics.store_error(e.kind());
         match e {
             StoreError::Slow(_) if from_report => {
@@ -298,7 +289,7 @@ impl Service {
         })
     }
 
-    fn store_answered(&self) {
+    pub(crate) fn store_answered(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         self.last_answer_ns.fetch_max(now, Ordering::Relaxed);
     }
@@ -319,6 +310,7 @@ impl Service {
         let r = tokio::time::timeout(self.deadline, self.store.check(self.algorithm, &[op])).await;
         self.metrics
             .store_latency
+            .check
             .observe(t.elapsed().as_secs_f64());
         match r {
             Ok(mut v) => match v.pop() {
@@ -350,106 +342,6 @@ impl Service {
                 None
             }
         }
-    }
-
-    /// `/v1/sync`: each entry added to its global count and the proxy's share allocated,
-    /// by the store within the report deadline, else by the fallback.
-    pub async fn sync(&self, req: &SyncRequest) -> Result<SyncResponse, ApiError> {
-        req.validate().map_err(ApiError::bad_request)?;
-        self.metrics.sync_batch.observe(req.entries.len() as f64);
-        // A zero span would make every rate infinite; treat it as one second.
-        let span_ms = if req.span_ms == 0 {
-            DEFAULT_SPAN_MS
-        } else {
-            req.span_ms.min(MAX_SPAN_MS)
-        };
-        let ops: Vec<SyncOp> = req
-            .entries
-            .iter()
-            .map(|e| SyncOp {
-                tag: self.keys.tag(Namespace::Sync, &e.rule, &e.key),
-                window_secs: e.window_secs,
-                max: e.max,
-                admitted: e.admitted,
-                rate: (e.admitted + e.rejected) as f64 * 1000.0 / span_ms as f64,
-            })
-            .collect();
-        let mut results: Vec<Option<crate::store::SyncOutcome>> = vec![None; ops.len()];
-        // Reports try the store even while checks are degraded: they have a deadline and
-        // a connection of their own, so a slow check period does not turn every report
-        // into counts owed (which the probe would then have to write back before checks
-        // could use the store again), and a store that is gone fails them fast anyway.
-        if !ops.is_empty() {
-            let t = Instant::now();
-            let r = tokio::time::timeout(
-                self.sync_deadline,
-                self.store.sync(&req.proxy_id, &ops, &self.share),
-            )
-            .await;
-            self.metrics
-                .store_latency
-                .observe(t.elapsed().as_secs_f64());
-            match r {
-                Ok(v) => {
-                    for (slot, item) in results.iter_mut().zip(v) {
-                        match item {
-                            Ok(o) => {
-                                self.store_answered();
-                                *slot = Some(o)
-                            }
-                            Err(e) => self.store_failed(&e, true),
-                        }
-                    }
-                }
-                // Answered from the fallback; the service stays as it is (see
-                // `store_failed`).
-                Err(_) => {
-                    self.metrics.store_error("sync_deadline");
-                    tracing::debug!(
-                        "sync report missed its deadline of {:?}",
-                        self.sync_deadline
-                    );
-                }
-            }
-        }
-        let mut degraded = false;
-        let mut from_store = 0u64;
-        let mut entries = Vec::with_capacity(ops.len());
-        for ((e, op), r) in req.entries.iter().zip(&ops).zip(results) {
-            let o = match r {
-                Some(o) => {
-                    from_store += 1;
-                    o
-                }
-                None => {
-                    degraded = true;
-                    self.fallback
-                        .sync(&req.proxy_id, op, &self.share, &self.metrics)
-                }
-            };
-            entries.push(SyncGrant {
-                rule: e.rule.clone(),
-                key: e.key.clone(),
-                window_secs: e.window_secs,
-                weight: o.weight,
-                used: o.used,
-                remaining: o.remaining,
-                reset_at: o.reset_at,
-            });
-        }
-        self.metrics
-            .decision("sync", true, Source::Store, from_store);
-        self.metrics.decision(
-            "sync",
-            true,
-            Source::Fallback,
-            entries.len() as u64 - from_store,
-        );
-        Ok(SyncResponse {
-            entries,
-            ttl_ms: self.share.ttl_ms,
-            degraded,
-        })
     }
 
     /// `/readyz`: the store answers (within the deadline) and we are not degraded. The

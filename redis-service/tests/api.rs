@@ -22,10 +22,14 @@ async fn auth_is_required_except_health() {
         let r = c
             .post_json(
                 "/v1/sync",
-                &json!({"proxy_id": "p", "span_ms": 1, "entries": []}),
+                &json!({"proxy_id": "p", "interval_ms": 1000, "entries": []}),
             )
             .await
             .unwrap();
+        assert_eq!(r.status, 401);
+        let strict = json!({"rule": "r", "key": "00000000000000ab",
+                            "limits": [{"window_secs": 1, "max": 1, "burst": 1}]});
+        let r = c.post_json("/v1/strict", &strict).await.unwrap();
         assert_eq!(r.status, 401);
         let r = c
             .put_raw("/rate-limits/rules", RULES.as_bytes().to_vec())
@@ -61,10 +65,26 @@ async fn bad_inputs_are_named_4xx() {
         ("/rate-limit/check", br#"{"client_id":"a","rule_id":"nope"}"#.to_vec(), 404, "rule_id"),
         ("/rate-limit/check", format!(r#"{{"client_id":"{}","rule_id":"api"}}"#, "x".repeat(2000)).into_bytes(), 400, "client_id"),
         ("/rate-limit/check", vec![b' '; 5 * 1024 * 1024], 413, "body"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":0,"max":1,"admitted":1}]}"#.to_vec(), 400, "entries[0].window_secs"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":"3"}]}"#.to_vec(), 400, "entries[0].admitted"),
-        ("/v1/sync", br#"{"proxy_id":"","span_ms":1000,"entries":[]}"#.to_vec(), 400, "proxy_id"),
-        ("/v1/sync", br#"{"proxy_id":"p","span_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":2000000}]}"#.to_vec(), 400, "admitted"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":0,"max":1,"burst":1}],"admitted":1,"span_ms":1}]}"#.to_vec(), 400, "entries[0].limits[0].window_secs"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}],"admitted":"3","span_ms":1}]}"#.to_vec(), 400, "entries[0].admitted"),
+        ("/v1/sync", br#"{"proxy_id":"","interval_ms":1000,"entries":[]}"#.to_vec(), 400, "proxy_id"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":0,"entries":[]}"#.to_vec(), 400, "interval_ms"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":60001,"entries":[]}"#.to_vec(), 400, "interval_ms"),
+        ("/v1/sync", br#"{"proxy_id":"p","entries":[]}"#.to_vec(), 400, "interval_ms"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}],"admitted":2000000,"span_ms":1}]}"#.to_vec(), 400, "admitted"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","limits":[],"admitted":1,"span_ms":1}]}"#.to_vec(), 400, "entries[0].limits: must hold 1..=8"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}],"admitted":1,"span_ms":0}]}"#.to_vec(), 400, "entries[0].span_ms"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}],"admitted":1,"span_ms":1,"release":1}]}"#.to_vec(), 400, "entries[0].release"),
+        ("/v1/sync", br#"{"proxy_id":"p","interval_ms":1000,"entries":[{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1}],"admitted":1,"span_ms":1}]}"#.to_vec(), 400, "burst"),
+        ("/v1/strict", br#"{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":0,"burst":1}]}"#.to_vec(), 400, "limits[0].max"),
+        ("/v1/strict", br#"{"rule":"r","key":"00000000000000ab","limits":[]}"#.to_vec(), 400, "limits: must hold"),
+        ("/v1/strict", br#"{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}],"hits":0}"#.to_vec(), 400, "hits"),
+        ("/v1/strict", br#"{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}],"hits":-1}"#.to_vec(), 400, "hits"),
+        ("/v1/strict", br#"{"rule":"r","key":"00000000000000AB","limits":[{"window_secs":1,"max":1,"burst":1}]}"#.to_vec(), 400, "key: must be 16"),
+        ("/v1/strict", br#"{"rule":"a b","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}]}"#.to_vec(), 400, "rule:"),
+        ("/v1/strict", br#"{"rule":"r","key":"00000000000000ab","limits":[{"window_secs":1,"max":1,"burst":1}],"x":1}"#.to_vec(), 400, "unknown field"),
+        ("/v1/strict", br#"["r","00000000000000ab",[],1]"#.to_vec(), 400, "must be one JSON object"),
+        ("/v1/strict", vec![b' '; 5 * 1024 * 1024], 413, "body"),
     ];
     for (path, body, status, needle) in cases {
         // The server answers 413 before reading a too-large body and closes the
@@ -92,8 +112,9 @@ async fn bad_inputs_are_named_4xx() {
         );
     }
     // Too many entries in one sync.
-    let entry = json!({"rule":"r","key":"00000000000000ab","window_secs":1,"max":1,"admitted":0});
-    let big = json!({"proxy_id":"p","span_ms":1000,"entries": vec![entry; 10_001]});
+    let entry = json!({"rule":"r","key":"00000000000000ab",
+                       "limits":[{"window_secs":1,"max":1,"burst":1}],"admitted":0,"span_ms":1});
+    let big = json!({"proxy_id":"p","interval_ms":1000,"entries": vec![entry; 10_001]});
     let r = c.post_json("/v1/sync", &big).await.unwrap();
     assert_eq!(r.status, 400);
     assert!(r.json()["detail"]
@@ -110,6 +131,17 @@ async fn bad_inputs_are_named_4xx() {
         .await
             >= 8.0
     );
+    assert!(
+        metric(
+            c,
+            "meshlimit_requests_total{endpoint=\"strict\",status=\"400\"}"
+        )
+        .await
+            >= 8.0
+    );
+    // Nothing was counted: no report was answered, no strict check decided.
+    assert_eq!(metric(c, "meshlimit_sync_reports_total").await, 0.0);
+    assert_eq!(metric(c, "meshlimit_strict_decisions_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,9 +236,51 @@ async fn token_bucket_multi_window_in_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_shares_follow_demand_in_memory() {
-    let s = Service::in_process(&["--share-ttl-ms", "2000"]).await;
-    sync_contract(&s.client).await;
+async fn sync_shares_in_memory() {
+    let s = Service::in_process(&[]).await;
+    shares_contract(&s.client).await;
+    let text = s.client.get("/metrics").await.unwrap().text();
+    for m in [
+        "meshlimit_sync_releases_total 1",
+        "meshlimit_decisions_total{endpoint=\"sync\",decision=\"allowed\",source=\"store\"}",
+        "meshlimit_store_latency_seconds_count{endpoint=\"sync\"}",
+    ] {
+        assert!(text.contains(m), "metrics lack {m}:\n{text}");
+    }
+    // a and b reported last (interval 1 s); c and d (100 ms) may have died since.
+    let live = metric(&s.client, "meshlimit_live_proxies").await;
+    assert!((2.0..=4.0).contains(&live), "{live}");
+    assert!(metric(&s.client, "meshlimit_sync_reports_total").await >= 46.0);
+    assert!(metric(&s.client, "meshlimit_sync_entries_total").await >= 46.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_in_memory() {
+    let s = Service::in_process(&[]).await;
+    liveness_contract(&s.client, 0).await;
+    assert_eq!(metric(&s.client, "meshlimit_live_proxies").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_in_memory() {
+    let s = Service::in_process(&[]).await;
+    strict_contract(std::slice::from_ref(&s.client)).await;
+    let text = s.client.get("/metrics").await.unwrap().text();
+    for m in [
+        "meshlimit_strict_decisions_total{outcome=\"allowed\"}",
+        "meshlimit_strict_decisions_total{outcome=\"denied\"}",
+        "meshlimit_store_latency_seconds_count{endpoint=\"strict\"}",
+    ] {
+        assert!(text.contains(m), "metrics lack {m}:\n{text}");
+    }
+    assert_eq!(
+        metric(
+            &s.client,
+            "meshlimit_strict_decisions_total{outcome=\"allowed\"}"
+        )
+        .await,
+        56.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +292,7 @@ async fn sigterm_exits_cleanly_and_metrics_render() {
     for m in [
         "meshlimit_requests_total{endpoint=\"check\",status=\"200\"} 1",
         "meshlimit_decisions_total{endpoint=\"check\",decision=\"allowed\",source=\"store\"} 1",
-        "meshlimit_store_latency_seconds_count 1",
+        "meshlimit_store_latency_seconds_count{endpoint=\"check\"} 1",
         "meshlimit_degraded 0",
         "meshlimit_store_info{store=\"memory\"} 1",
     ] {
@@ -261,8 +335,10 @@ async fn bodies_are_one_json_object_parsed_strictly() {
     let id = uniq("strict");
     let check_body = format!(r#"{{"client_id":"{id}","rule_id":"api"}}"#);
     let key = "00000000000000cd";
-    let entry = format!(r#"{{"rule":"r","key":"{key}","window_secs":60,"max":100,"admitted":7}}"#);
-    let sync_body = format!(r#"{{"proxy_id":"p","span_ms":1000,"entries":[{entry}]}}"#);
+    let entry = format!(
+        r#"{{"rule":"r","key":"{key}","limits":[{{"window_secs":60,"max":100,"burst":100}}],"admitted":7,"span_ms":1000}}"#
+    );
+    let sync_body = format!(r#"{{"proxy_id":"p","interval_ms":1000,"entries":[{entry}]}}"#);
     let cases: Vec<(&str, String, &str)> = vec![
         // Fields by position: refused at the top and inside.
         (
@@ -278,9 +354,14 @@ async fn bodies_are_one_json_object_parsed_strictly() {
         (
             "/v1/sync",
             format!(
-                r#"{{"proxy_id":"p","span_ms":1000,"entries":[["r","{key}",60,100,null,7,0]]}}"#
+                r#"{{"proxy_id":"p","interval_ms":1000,"entries":[["r","{key}",[],7,0,1000]]}}"#
             ),
             "entries[0]: invalid type: sequence",
+        ),
+        (
+            "/v1/sync",
+            sync_body.replace(r#""max":100,"#, r#""max":100,"max":100,"#),
+            "duplicate field `max`",
         ),
         // Anything after the document.
         (
@@ -328,7 +409,7 @@ async fn bodies_are_one_json_object_parsed_strictly() {
         .post_raw("/v1/sync", sync_body.into_bytes())
         .await
         .unwrap();
-    assert_eq!(r.json()["entries"][0]["used"], 7, "{}", r.text());
+    assert_eq!(r.json()["entries"][0]["used"], json!([7]), "{}", r.text());
 
     // PUT /rate-limits/rules: this layer refuses what is not one object; the rules
     // themselves are the config parser's to judge. Either way nothing changes.

@@ -49,15 +49,20 @@ async fn checks_of_many_clients_land_on_every_master() {
 async fn a_report_costs_one_round_trip_per_master() {
     let (_cluster, s) = cluster_and_service("300", &[]);
     let c = &s.client;
-    // One sync batch of 3000 entries over all slots: one pipeline per master.
+    // One sync batch of 3000 entries over all slots: the registry's round trip, then
+    // one pipeline per master.
     let rt0 = metric(c, "meshlimit_store_round_trips_total").await;
     let entries: Vec<_> = (0..3000)
-        .map(|i| json!({"rule": "r", "key": format!("{i:016x}"), "window_secs": 60, "max": 100, "admitted": 2}))
+        .map(|i| {
+            json!({"rule": "r", "key": format!("{i:016x}"),
+                        "limits": [{"window_secs": 60, "max": 100, "burst": 100}],
+                        "admitted": 2, "span_ms": 1000})
+        })
         .collect();
     let r = c
         .post_json(
             "/v1/sync",
-            &json!({"proxy_id": "p1", "span_ms": 1000, "entries": entries}),
+            &json!({"proxy_id": "p1", "interval_ms": 1000, "entries": entries}),
         )
         .await
         .unwrap();
@@ -69,9 +74,9 @@ async fn a_report_costs_one_round_trip_per_master() {
         .as_array()
         .unwrap()
         .iter()
-        .all(|e| e["used"] == 2 && e["weight"] == 1.0));
+        .all(|e| e["used"] == json!([2]) && e["shares"][0].as_u64() > Some(990_000_000)));
     let rt = metric(c, "meshlimit_store_round_trips_total").await - rt0;
-    assert_eq!(rt, 3.0, "round trips for one batch over 3 masters");
+    assert_eq!(rt, 4.0, "round trips for one batch over 3 masters");
 }
 
 /// Checks and reports sent in loops until [`Traffic::stop`], as proxies and gateways
@@ -185,9 +190,13 @@ impl Traffic {
 fn report(proxy: &str, rule: &str, keys: &[String], admitted: u64) -> serde_json::Value {
     let entries: Vec<_> = keys
         .iter()
-        .map(|k| json!({"rule": rule, "key": k, "window_secs": 3600, "max": 1000000, "admitted": admitted}))
+        .map(|k| {
+            json!({"rule": rule, "key": k,
+                        "limits": [{"window_secs": 3600, "max": 1000000, "burst": 1000000}],
+                        "admitted": admitted, "span_ms": 100})
+        })
         .collect();
-    json!({"proxy_id": proxy, "span_ms": 100, "entries": entries})
+    json!({"proxy_id": proxy, "interval_ms": 1000, "entries": entries})
 }
 
 /// The lowest and highest global count of `keys`, read with a report that adds nothing,
@@ -202,7 +211,7 @@ async fn sync_counts(c: &Client, proxy: &str, rule: &str, keys: &[String]) -> (i
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["used"].as_i64().unwrap())
+        .map(|e| e["used"][0].as_i64().unwrap())
         .collect();
     let degraded = j["degraded"] != false;
     (

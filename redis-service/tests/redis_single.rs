@@ -1,6 +1,7 @@
 //! Against one real Redis node: atomicity across two service instances, both algorithms,
-//! TTLs and memory per key, shares in Lua, ACL auth, NOSCRIPT, Redis stopped and
-//! restarted (fallback, then reconciliation), and the shutdown flush.
+//! TTLs and memory per key, ACL auth, NOSCRIPT, Redis stopped and restarted (fallback,
+//! then reconciliation), and the shutdown flush. Global scope (`/v1/sync`, `/v1/strict`)
+//! on Redis is `redis_global.rs`.
 
 mod support;
 use std::time::{Duration, Instant};
@@ -84,37 +85,6 @@ async fn keys_expire_and_memory_per_key_is_small() {
         .cli(&["--scan", "--pattern", "ml:{c.short.*"])
         .unwrap();
     assert!(left.trim().is_empty(), "keys left after their TTL: {left}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_shares_in_redis() {
-    let redis = RedisNode::start(false);
-    let s = Service::start(&["--redis-url", &redis.url(), "--share-ttl-ms", "2000"]);
-    sync_contract(&s.client).await;
-    // Two instances see one global count and one share table.
-    let t = Service::start(&["--redis-url", &redis.url(), "--share-ttl-ms", "2000"]);
-    let body = serde_json::json!({"proxy_id": "x", "span_ms": 1000, "entries": [
-        {"rule": "r", "key": "abcdefabcdefabcd", "window_secs": 30, "max": 100, "admitted": 7}]});
-    s.client.post_json("/v1/sync", &body).await.unwrap();
-    let body2 = serde_json::json!({"proxy_id": "y", "span_ms": 1000, "entries": [
-        {"rule": "r", "key": "abcdefabcdefabcd", "window_secs": 30, "max": 100, "admitted": 3}]});
-    let j = t.client.post_json("/v1/sync", &body2).await.unwrap().json();
-    assert_eq!(j["entries"][0]["used"], 10, "{j}");
-    assert_eq!(j["entries"][0]["remaining"], 90);
-    // x holds 1.0 until it reports again; y gets only what is free.
-    assert_eq!(j["entries"][0]["weight"].as_f64().unwrap(), 0.0, "{j}");
-    // One key twice in one report: both counted.
-    let e = serde_json::json!({"rule": "r", "key": "d0d0d0d0d0d0d0d0", "window_secs": 30, "max": 100, "admitted": 4});
-    let j = s
-        .client
-        .post_json(
-            "/v1/sync",
-            &serde_json::json!({"proxy_id": "x", "span_ms": 1000, "entries": [e, e]}),
-        )
-        .await
-        .unwrap()
-        .json();
-    assert_eq!(j["entries"][1]["used"], 8, "{j}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,73 +270,6 @@ async fn tls_with_a_private_ca() {
         true
     );
     assert_eq!(metric(&untrusted.client, "meshlimit_degraded").await, 1.0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lua_shares_match_the_rust_reference() {
-    // The same reports to the embedded store (src/shares.rs) and to Redis (lua/sync.lua)
-    // must give the same weights.
-    let redis = RedisNode::start(false);
-    let args = ["--share-ttl-ms", "60000", "--share-headroom", "0.05"];
-    let mem = Service::start(&args);
-    let url = redis.url();
-    let mut rargs = vec!["--redis-url", url.as_str()];
-    rargs.extend(args);
-    let red = Service::start(&rargs);
-    let key = format!("{:016x}", std::process::id());
-    let reports = [
-        ("a", 90, 0),
-        ("b", 10, 5),
-        ("a", 50, 40),
-        ("c", 0, 0),
-        ("b", 300, 100),
-        ("a", 10, 0),
-        ("c", 7, 0),
-        ("b", 0, 0),
-        ("a", 1000, 0),
-    ];
-    for (proxy, admitted, rejected) in reports {
-        let body = serde_json::json!({"proxy_id": proxy, "span_ms": 500, "entries": [
-            {"rule": "parity", "key": key, "window_secs": 3600, "max": 100000,
-             "admitted": admitted, "rejected": rejected}]});
-        let m = mem
-            .client
-            .post_json("/v1/sync", &body)
-            .await
-            .unwrap()
-            .json();
-        let r = red
-            .client
-            .post_json("/v1/sync", &body)
-            .await
-            .unwrap()
-            .json();
-        let (wm, wr) = (
-            m["entries"][0]["weight"].as_f64().unwrap(),
-            r["entries"][0]["weight"].as_f64().unwrap(),
-        );
-        assert!((wm - wr).abs() < 1e-6, "{proxy}: memory {wm} vs redis {wr}");
-        assert_eq!(m["entries"][0]["used"], r["entries"][0]["used"]);
-    }
-    // Headroom: once shares are steady, a newcomer gets a share at once even though the
-    // others still hold theirs.
-    for _ in 0..3 {
-        for proxy in ["a", "b", "c"] {
-            let body = serde_json::json!({"proxy_id": proxy, "span_ms": 500, "entries": [
-                {"rule": "parity", "key": key, "window_secs": 3600, "max": 100000, "admitted": 50}]});
-            red.client.post_json("/v1/sync", &body).await.unwrap();
-        }
-    }
-    let body = serde_json::json!({"proxy_id": "new", "span_ms": 500, "entries": [
-        {"rule": "parity", "key": key, "window_secs": 3600, "max": 100000, "admitted": 1}]});
-    let r = red
-        .client
-        .post_json("/v1/sync", &body)
-        .await
-        .unwrap()
-        .json();
-    let w = r["entries"][0]["weight"].as_f64().unwrap();
-    assert!(w > 0.01 && w <= 0.05 + 1e-9, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
-//! Checks while the largest reports run, against one real Redis node and a real Redis
-//! Cluster: every check must still be answered by the store within its deadline.
+//! Checks and strict checks while the largest reports run, against one real Redis node
+//! and a real Redis Cluster: every one must still be answered by the store within its
+//! deadline.
 //!
 //! In a file of their own, and one at a time: the tests of one file run in parallel,
 //! and other tests' Redis processes and traffic on the same 2 cores would be load this
@@ -41,4 +42,59 @@ async fn checks_are_not_starved_by_large_reports_on_a_cluster() {
     let u = checks_under_reports(&s.client, 1.0, 8.0, 2).await;
     println!("Redis Cluster: {u:?}");
     assert_checks_unharmed(&u);
+}
+
+// Like the cluster test, a load a debug build's JSON work cannot make in time on 2
+// cores: `cargo test --release` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "needs a release build: cargo test --release"
+)]
+async fn strict_checks_are_not_starved_by_large_reports() {
+    // Strict checks travel where checks do (their own Redis connection, the check
+    // workers): with 10 000-entry reports once a second, every one is decided by the
+    // store within its 50 ms deadline, never a 503.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisNode::start(false);
+    let s = Service::start(&["--redis-url", &redis.url()]);
+    let lim = [limit(1, 1_000_000, 1_000_000)];
+    strict(&s.client, &fresh_key(), &lim, 1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (decided, unavailable) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, stop, lim) = (s.client.clone(), stop.clone(), lim.to_vec());
+            let (d, u) = (decided.clone(), unavailable.clone());
+            tokio::spawn(async move {
+                let key = fresh_key();
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, j) = strict(&c, &key, &lim, 1).await;
+                    match status {
+                        200 => {
+                            assert_eq!(j["allowed"], true, "{j}");
+                            d.fetch_add(1, Ordering::Relaxed)
+                        }
+                        _ => u.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    // One check worker as well, so the reports' side is the contract's own.
+    let u = checks_under_reports(&s.client, 1.0, 6.0, 1).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (d, n503) = (
+        decided.load(Ordering::Relaxed),
+        unavailable.load(Ordering::Relaxed),
+    );
+    println!("strict under reports: {d} decided, {n503} answered 503; checks {u:?}");
+    assert!(d > 100, "{d}");
+    assert_eq!(n503, 0, "strict checks missed their deadline under reports");
+    assert!(u.reports > 3, "{u:?}");
 }

@@ -1,12 +1,15 @@
 //! Load command for a running meshlimit-service (see `redis-service/bench.sh`, which starts
 //! the stores and the service and runs this against each).
 //!
-//! meshlimit-bench --url http://127.0.0.1:8080 --token T --mode check|sync|mixed
+//! meshlimit-bench --url http://127.0.0.1:8080 --token T --mode check|sync|strict|mixed
 //!                 [--seconds 10] [--concurrency 8] [--clients 10000] [--batch 1000]
 //!                 [--rule bench] [--report-rate 1]
 //!
-//! Prints requests/s, keys/s (checks: one key per request; sync: entries per request),
-//! latency p50/p99/max, and store round trips per request (from /metrics).
+//! Prints requests/s, keys/s (checks and strict checks: one key per request; sync:
+//! entries per request), latency p50/p99/max, and store round trips per request (from
+//! /metrics). `sync` sends the filter's `SyncReport` (one limit per key, every worker a
+//! proxy of its own); `strict` sends `StrictRequest`s (two limits, far above what the run
+//! spends, so every answer is a decision the store made).
 //!
 //! `mixed`: checks as in `check` mode while `/v1/sync` reports of `--batch` entries are
 //! sent at `--report-rate` per second (open loop, as proxies report: a slow answer does
@@ -150,18 +153,24 @@ fn clone_args(a: &Args) -> Args {
     }
 }
 
+/// One reported key as the filter sends it.
+fn reported(rule: &str, key: u64) -> serde_json::Value {
+    json!({"rule": rule, "key": format!("{key:016x}"),
+           "limits": [{"window_secs": 60, "max": 1000, "burst": 1000}],
+           "admitted": 3, "rejected": 0, "span_ms": 1000})
+}
+
 /// One report body of `batch` entries over `clients` keys, the `n`-th of a series.
 fn report(a: &Args, n: u64) -> Vec<u8> {
     let entries: Vec<_> = (0..a.batch as u64)
         .map(|i| {
             let k = (n.wrapping_mul(a.batch as u64) + i) % a.clients.max(1);
-            json!({"rule": a.rule, "key": format!("{k:016x}"), "window_secs": 60,
-                   "max": 1000, "admitted": 3, "rejected": 0})
+            reported(&a.rule, k)
         })
         .collect();
     serde_json::to_vec(
         &json!({"proxy_id": format!("bench-{}", n % 8), "zone": "az1",
-                               "span_ms": 1000, "entries": entries}),
+                               "interval_ms": 1000, "entries": entries}),
     )
     .unwrap()
 }
@@ -273,19 +282,23 @@ async fn run(c: &Client, a: &Args, deadline: Instant, worker: u64) -> (Vec<u32>,
             let entries: Vec<_> = (0..a.batch)
                 .map(|_| {
                     i = i.wrapping_add(1);
-                    json!({"rule": a.rule, "key": format!("{:016x}", i % a.clients),
-                           "window_secs": 60, "max": 1000, "admitted": 3, "rejected": 0})
+                    reported(&a.rule, i % a.clients)
                 })
                 .collect();
-            json!({"proxy_id": format!("bench-{worker}"), "zone": "az1", "span_ms": 1000, "entries": entries})
+            json!({"proxy_id": format!("bench-{worker}"), "zone": "az1", "interval_ms": 1000, "entries": entries})
+        } else if a.mode == "strict" {
+            i = i.wrapping_add(1);
+            json!({"rule": a.rule, "key": format!("{:016x}", i % a.clients),
+                   "limits": [{"window_secs": 1, "max": 1_000_000, "burst": 1_000_000},
+                              {"window_secs": 3600, "max": 1_000_000_000, "burst": 1_000_000_000}]})
         } else {
             i = i.wrapping_add(1);
             json!({"client_id": format!("client-{}", i % a.clients), "rule_id": a.rule})
         };
-        let path = if a.mode == "sync" {
-            "/v1/sync"
-        } else {
-            "/rate-limit/check"
+        let path = match a.mode.as_str() {
+            "sync" => "/v1/sync",
+            "strict" => "/v1/strict",
+            _ => "/rate-limit/check",
         };
         let bytes = serde_json::to_vec(&body).unwrap();
         let t = Instant::now();

@@ -3,13 +3,15 @@
 //! in `lua/`, on this process's clock in integer nanoseconds (Unix time), with expired
 //! keys dropped by a background task the store owns.
 
-use super::{CheckOp, CheckOutcome, ItemResult, Store, StoreError, SyncOp, SyncOutcome};
+use super::{CheckOp, CheckOutcome, ItemResult, Store, StoreError, StrictOp, SyncOp, SyncOutcome};
 use crate::config::Algorithm;
 use crate::keys::KeyMaker;
-use crate::shares::{allocate, Peer, ShareParams};
+use crate::liveness::Registry;
 use async_trait::async_trait;
 use meshlimit_core::config::Limit;
 use meshlimit_core::gcra;
+use meshlimit_core::protocol::StrictAnswer;
+use meshlimit_core::shares::ShareParams;
 use parking_lot::Mutex;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -59,8 +61,8 @@ enum Value {
     Window(WindowCounts),
     /// GCRA theoretical arrival time, Unix nanoseconds.
     Tat(u64),
-    /// Per proxy, its demand and grant for one sync key (see `shares`).
-    Peers(HashMap<String, Peer>),
+    /// One reported key and limit: its global count and its peers (see `sync`).
+    Record(sync::Record),
 }
 
 struct Entry {
@@ -72,6 +74,9 @@ type Shard = HashMap<String, Entry>;
 
 struct Shards {
     shards: Vec<Mutex<Shard>>,
+    /// Which proxies are live (see `crate::liveness`). Locked after a shard's lock when
+    /// both are held, never before.
+    registry: Mutex<Registry>,
 }
 
 impl Shards {
@@ -83,6 +88,7 @@ impl Shards {
             m.retain(|_, e| e.expires_ns > now);
             left += m.len();
         }
+        self.registry.lock().sweep(now / NS_PER_MS);
         left
     }
 }
@@ -238,6 +244,7 @@ impl MemoryStore {
             keys,
             shared: Arc::new(Shards {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                registry: Mutex::new(Registry::default()),
             }),
             max_keys: max_keys.max(SHARDS),
             sweeping: AtomicBool::new(false),
@@ -431,55 +438,6 @@ impl MemoryStore {
             retry_after_ms: d.retry_after_ns.div_ceil(NS_PER_MS),
         }
     }
-
-    /// One sync entry at `now` (Unix nanoseconds): the global count, then `proxy`'s
-    /// share.
-    pub fn sync_one(
-        &self,
-        proxy: &str,
-        op: &SyncOp,
-        params: &ShareParams,
-        now: u64,
-    ) -> ItemResult<SyncOutcome> {
-        let mut m = self.shard(&op.tag).lock();
-        if self.full(&mut m, now) {
-            return Err(StoreError::Failed("in-memory store is full".into()));
-        }
-        let window = WindowAt::new(op.window_secs, now);
-        let key = self.keys.sw_key(&op.tag, op.window_secs);
-        let mut counts = window.counts(stored_counts(&m, &key, now));
-        counts.current += op.admitted;
-        m.insert(
-            key,
-            Entry {
-                value: Value::Window(counts),
-                expires_ns: window.expiry(now),
-            },
-        );
-        let used = (window.estimate(counts) + SW_EPS).floor() as u64;
-
-        let peers_key = self.keys.share_key(&op.tag, op.window_secs);
-        let entry = m.entry(peers_key).or_insert_with(|| Entry {
-            value: Value::Peers(HashMap::new()),
-            expires_ns: 0,
-        });
-        if entry.expires_ns <= now {
-            entry.value = Value::Peers(HashMap::new());
-        }
-        // Kept two share TTLs, like the shares in the Redis hash.
-        entry.expires_ns = now.saturating_add(params.ttl_ms.saturating_mul(2 * NS_PER_MS));
-        let weight = match &mut entry.value {
-            Value::Peers(peers) => allocate(peers, proxy, op.rate, now / NS_PER_MS, params),
-            _ => 0.0,
-        };
-        Ok(SyncOutcome {
-            used,
-            remaining: op.max.saturating_sub(used),
-            reset_at: window.full_at(counts, now),
-            // Same rounding as the script: never report more than was granted.
-            weight: (weight * 1e9).floor() / 1e9,
-        })
-    }
 }
 
 #[async_trait]
@@ -501,19 +459,29 @@ impl Store for MemoryStore {
     async fn sync(
         &self,
         proxy: &str,
+        interval_ms: u64,
         ops: &[SyncOp],
         params: &ShareParams,
-    ) -> Vec<ItemResult<SyncOutcome>> {
+    ) -> Result<SyncOutcome, StoreError> {
+        self.sync_at(proxy, interval_ms, ops, params, now_ns())
+    }
+
+    async fn add_counts(&self, ops: &[SyncOp]) -> Vec<ItemResult<()>> {
         let now = now_ns();
-        ops.iter()
-            .map(|op| self.sync_one(proxy, op, params, now))
-            .collect()
+        ops.iter().map(|op| self.add_counts_one(op, now)).collect()
+    }
+
+    async fn strict(&self, op: &StrictOp) -> ItemResult<StrictAnswer> {
+        self.strict_one(op, now_ns())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
 }
+
+mod strict;
+mod sync;
 
 #[cfg(test)]
 mod tests;

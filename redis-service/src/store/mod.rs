@@ -11,9 +11,10 @@ pub mod redis;
 use self::redis::{RedisOptions, RedisStore};
 use crate::config::{Algorithm, Config};
 use crate::keys::KeyMaker;
-use crate::shares::ShareParams;
 use async_trait::async_trait;
 use memory::MemoryStore;
+use meshlimit_core::protocol::StrictAnswer;
+use meshlimit_core::shares::ShareParams;
 use std::fmt;
 use std::sync::Arc;
 
@@ -59,24 +60,58 @@ pub struct CheckOutcome {
     pub retry_after_ms: u64,
 }
 
-/// One entry of a proxy's report: add `admitted` to the key's global count (sliding
-/// window) and allocate this proxy's share.
-#[derive(Debug, Clone, PartialEq)]
+/// One (rule, client key) of a proxy's report: add `admitted` to the global count of each
+/// limit, and allocate this proxy's share of each (`meshlimit_core::shares`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncOp {
+    /// Hash tag from [`crate::keys::KeyMaker::tag`] (namespace `Sync`).
     pub tag: String,
-    pub window_secs: u64,
-    pub max: u64,
+    /// Distinct limits (the service merges a limit the filter listed twice).
+    pub limits: Vec<StoreLimit>,
     pub admitted: u64,
-    /// Demand (admitted + rejected) per second over the report's span.
-    pub rate: f64,
+    pub rejected: u64,
+    /// The span the counts cover, for a record that does not know this proxy yet.
+    pub span_ms: u64,
+    /// The proxy gave the key up: its share returns at once (the counts still count).
+    pub release: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What the store answers for one [`SyncOp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOutcome {
+    /// Share per limit, parts per 10⁹, in the op's order.
+    pub shares: Vec<u32>,
+    /// Some share is below its target (others still hold the difference).
+    pub pending: bool,
+    /// Global count per limit (sliding window over the limit's window).
+    pub used: Vec<u64>,
+}
+
+/// What the store answers for one report: the live proxies (this one included) and one
+/// outcome per op.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncOutcome {
-    pub used: u64,
-    pub remaining: u64,
-    pub reset_at: u64,
-    pub weight: f64,
+    pub proxies: u32,
+    pub keys: Vec<ItemResult<KeyOutcome>>,
+}
+
+/// One strict check: `hits` against every limit, all-or-nothing, GCRA on the store's
+/// clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrictOp {
+    /// Hash tag (namespace `Strict`).
+    pub tag: String,
+    pub limits: Vec<StoreLimit>,
+    pub hits: u64,
+}
+
+/// What a store's liveness registry says after a report (see `crate::liveness`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Liveness {
+    /// Proxies live now, the reporting one included.
+    pub live: u32,
+    /// Proxies that stopped reporting within the lease: their peers are dropped.
+    pub dead: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,12 +160,23 @@ pub trait Store: Send + Sync + 'static {
 
     async fn check(&self, algo: Algorithm, ops: &[CheckOp]) -> Vec<ItemResult<CheckOutcome>>;
 
+    /// One report of `proxy` (syncing every `interval_ms`): marks it live for three
+    /// intervals, then runs each op against its records, dropping the peers of dead
+    /// proxies. An error here (the registry could not be reached) fails the whole report.
     async fn sync(
         &self,
         proxy: &str,
+        interval_ms: u64,
         ops: &[SyncOp],
         params: &ShareParams,
-    ) -> Vec<ItemResult<SyncOutcome>>;
+    ) -> Result<SyncOutcome, StoreError>;
+
+    /// Adds counts a fallback admitted to the records' global counts (reconciliation);
+    /// no share changes.
+    async fn add_counts(&self, ops: &[SyncOp]) -> Vec<ItemResult<()>>;
+
+    /// One strict check, atomic in the store.
+    async fn strict(&self, op: &StrictOp) -> ItemResult<StrictAnswer>;
 
     /// Reachable and able to serve (for `/readyz` and the degraded-mode probe).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -1,6 +1,5 @@
 //! The contracts both stores must keep, run against any running service: multi-window
-//! limits, shares of a sync key, true retry and reset times, and checks answered while
-//! large reports run.
+//! limits, true retry and reset times, and checks answered while large reports run.
 
 use super::client::Client;
 use super::{check, metric, uniq};
@@ -30,47 +29,6 @@ pub async fn multi_window_contract(c: &Client) {
     assert_eq!(r["allowed"], true, "{r}");
     assert_eq!(r["remaining"], 0);
     assert_eq!(check(c, &id, "api", 1).await["allowed"], false);
-}
-
-/// Two proxies report one key; shares follow demand and never sum above 1; an idle
-/// proxy's share returns to the pool after the TTL. Used by the Redis tests too.
-pub async fn sync_contract(c: &Client) {
-    let key = format!(
-        "{:016x}",
-        uniq("k").len() as u64 ^ std::process::id() as u64 ^ rand_u64()
-    );
-    let report = |proxy: &str, admitted: u64, rejected: u64| {
-        json!({"proxy_id": proxy, "zone": "az1", "span_ms": 1000, "entries": [
-            {"rule": "unknown-to-service", "key": key, "window_secs": 60, "max": 1000,
-             "admitted": admitted, "rejected": rejected}]})
-    };
-    let mut wa = 0.0;
-    let mut wb = 0.0;
-    let mut used = 0;
-    for _ in 0..6 {
-        let r = c.post_json("/v1/sync", &report("a", 90, 0)).await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        let j = r.json();
-        assert_eq!(j["degraded"], false);
-        wa = j["entries"][0]["weight"].as_f64().unwrap();
-        let r = c.post_json("/v1/sync", &report("b", 10, 0)).await.unwrap();
-        let j = r.json();
-        wb = j["entries"][0]["weight"].as_f64().unwrap();
-        used = j["entries"][0]["used"].as_u64().unwrap();
-        assert!(wa + wb <= 1.0 + 1e-9, "a={wa} b={wb}");
-    }
-    // Default floor f = 0.05: a = 0.95 * 0.9 + 0.025, b = 0.95 * 0.1 + 0.025.
-    assert!(
-        (wa - 0.88).abs() < 0.01 && (wb - 0.12).abs() < 0.01,
-        "a={wa} b={wb}"
-    );
-    assert_eq!(used, 600, "global count is the sum of what both admitted");
-    // b stops reporting; after the TTL a gets everything.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let r = c.post_json("/v1/sync", &report("a", 1, 0)).await.unwrap();
-    let j = r.json();
-    assert_eq!(j["entries"][0]["weight"].as_f64().unwrap(), 1.0, "{j}");
-    assert_eq!(j["ttl_ms"], 2000);
 }
 
 fn rand_u64() -> u64 {
@@ -176,11 +134,14 @@ pub async fn checks_under_reports(c: &Client, rate: f64, secs: f64, conc: usize)
             let entries: Vec<_> = (0..MAX_SYNC_ENTRIES as u64)
                 .map(|i| {
                     json!({"rule": "bulk", "key": format!("{:016x}", base + b * 100_000 + i),
-                                "window_secs": 60, "max": 1_000_000, "admitted": 1, "rejected": 0})
+                           "limits": [{"window_secs": 60, "max": 1_000_000, "burst": 1_000_000}],
+                           "admitted": 1, "rejected": 0, "span_ms": 1000})
                 })
                 .collect();
-            serde_json::to_vec(&json!({"proxy_id": format!("bulk-{b}"), "span_ms": 1000,
-                                       "entries": entries}))
+            serde_json::to_vec(
+                &json!({"proxy_id": format!("bulk-{b}"), "interval_ms": 1000,
+                                       "entries": entries}),
+            )
             .unwrap()
         })
         .collect();

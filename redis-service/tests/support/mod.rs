@@ -1,8 +1,8 @@
 //! Real parts for the integration tests: `redis-server` processes ([`redis`]), the
 //! service itself ([`service`]: the binary, or in-process), an HTTP client for it
 //! ([`client`], shared with the bench command), free ports and temp dirs ([`machine`]),
-//! and the contracts every store keeps ([`contracts`]). Each test file uses a part of
-//! it.
+//! and the contracts every store keeps ([`contracts`], [`global`] for global scope).
+//! Each test file uses a part of it.
 #![allow(
     dead_code,
     unused_imports,
@@ -11,12 +11,14 @@
 
 pub mod client;
 mod contracts;
+mod global;
 mod machine;
 mod redis;
 mod service;
 
 pub use client::Client;
 pub use contracts::*;
+pub use global::*;
 pub use machine::{free_port, tempdir};
 pub use redis::*;
 pub use service::Service;

@@ -7,9 +7,10 @@
 //! are [`single`] (one node) and [`cluster`] (slot map, masters, recovery); both speak
 //! through the connections [`connection`] sets up.
 //!
-//! Checks and reports (`/v1/sync`) never share a connection: each node has one for
-//! checks (and the short commands: pings, slot maps, reconciliation) and one for
-//! reports. A connection is one ordered stream, so a check sent behind a 10 000-entry
+//! Reports, their registry step and records, are [`sync`]'s. Checks and strict checks
+//! on one side, reports (`/v1/sync`) on the other, never share a connection: each node
+//! has one for checks (strict checks, and the short commands: pings, slot maps,
+//! reconciliation) and one for reports. A connection is one ordered stream, so a check sent behind a 10 000-entry
 //! report on the same connection would wait for the whole report; on its own connection
 //! it waits at most for the one script call Redis is running when it arrives (Redis
 //! serves its clients in turn, a read's worth of commands each), which [`SYNC_CHUNK`]
@@ -22,20 +23,22 @@ mod cluster;
 mod connection;
 mod scripts;
 mod single;
+mod sync;
 
 pub use connection::RedisOptions;
 pub use scripts::SYNC_CHUNK;
 
-use super::{CheckOp, CheckOutcome, ItemResult, Store, StoreError, SyncOp, SyncOutcome};
+use super::{CheckOp, CheckOutcome, ItemResult, Store, StoreError, StrictOp, SyncOp, SyncOutcome};
 use crate::config::Algorithm;
 use crate::keys::KeyMaker;
-use crate::shares::ShareParams;
 use async_trait::async_trait;
-use batch::{all_failed, Lane};
+use batch::Lane;
 use cluster::Cluster;
 use connection::connection_info;
+use meshlimit_core::protocol::StrictAnswer;
+use meshlimit_core::shares::ShareParams;
 use redis::Value;
-use scripts::{check_outcome, sync_outcome, Call};
+use scripts::{check_outcome, Call};
 use single::Single;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -153,48 +156,19 @@ impl Store for RedisStore {
     async fn sync(
         &self,
         proxy: &str,
+        interval_ms: u64,
         ops: &[SyncOp],
         params: &ShareParams,
-    ) -> Vec<ItemResult<SyncOutcome>> {
-        if ops.is_empty() {
-            return Vec::new();
-        }
-        let keys: Vec<String> = ops
-            .iter()
-            .map(|op| self.keys.sw_key(&op.tag, op.window_secs))
-            .collect();
-        let per_call = self.backend.options().sync_chunk.max(1);
-        let mut calls = Vec::new();
-        // Per call, the indices of the entries it carries.
-        let mut owners: Vec<Vec<usize>> = Vec::new();
-        for group in self.backend.group_by_node(&keys) {
-            for chunk in group.chunks(per_call) {
-                calls.push(Call::sync(proxy, chunk, ops, &keys, params));
-                owners.push(chunk.to_vec());
-            }
-        }
-        let mut out = all_failed(ops.len(), &StoreError::Failed("no reply".into()));
-        let replies = self
-            .backend
-            .run(&calls, Lane::Reports, &self.round_trips)
-            .await;
-        for (r, owner) in replies.into_iter().zip(owners) {
-            let e = match r {
-                Ok(Value::Array(items)) if items.len() == owner.len() => {
-                    for (item, i) in items.into_iter().zip(owner) {
-                        out[i] = sync_outcome(item);
-                    }
-                    continue;
-                }
-                Ok(Value::ServerError(e)) => StoreError::Failed(format!("{e:?}")),
-                Ok(v) => StoreError::Failed(format!("unexpected sync reply {v:?}")),
-                Err(e) => e,
-            };
-            for i in owner {
-                out[i] = Err(e.clone());
-            }
-        }
-        out
+    ) -> Result<SyncOutcome, StoreError> {
+        self.sync_report(proxy, interval_ms, ops, params).await
+    }
+
+    async fn add_counts(&self, ops: &[SyncOp]) -> Vec<ItemResult<()>> {
+        self.add_record_counts(ops).await
+    }
+
+    async fn strict(&self, op: &StrictOp) -> ItemResult<StrictAnswer> {
+        self.strict_check(op).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

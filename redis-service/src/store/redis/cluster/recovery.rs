@@ -10,7 +10,7 @@ use super::super::scripts::Call;
 use crate::store::{ItemResult, StoreError};
 use futures::future::join_all;
 use redis::cluster_async::ClusterConnection;
-use redis::{ErrorKind, RedisResult, Value};
+use redis::{ErrorKind, RedisError, RedisResult, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -35,7 +35,24 @@ pub(super) fn needs_cluster_client(v: &Value) -> bool {
                 | ErrorKind::ReadOnly
                 | ErrorKind::BusyLoadingError
         )
-    )
+    ) || touched_a_moved_key(v)
+}
+
+/// A multi-record sync call whose first key (the one routing it) is still on this node
+/// but another record's slot has moved away: Redis refuses the script from inside
+/// ("non local key") rather than with `MOVED`. Sent one record per call through the
+/// cluster client, each routed by its own key, and the slot map refreshed after; without
+/// this, a stale slot map kept failing the same calls (seen when write-backs of
+/// reported counts met a resharded slot). Redis gives the refusal no code of its own.
+fn touched_a_moved_key(v: &Value) -> bool {
+    match v {
+        Value::ServerError(e) => {
+            let e = RedisError::from(e.clone());
+            e.kind() == ErrorKind::ResponseError
+                && e.detail().is_some_and(|d| d.contains("non local key"))
+        }
+        _ => false,
+    }
 }
 
 /// A call's outcome that means its slot is moving: worth sending again shortly.
