@@ -100,8 +100,9 @@ impl KeyState {
 }
 
 /// What a global rule does while it has no valid grant and the companion is
-/// unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// unreachable (and a strict rule when its callout fails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// The local bucket at the fallback share.
     #[default]

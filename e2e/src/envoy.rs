@@ -56,6 +56,12 @@ pub struct EnvoyOptions {
     pub failure_policy: Option<String>,
     /// `--component-log-level wasm:debug`, so the filter's debug logs reach the log.
     pub wasm_debug: bool,
+    /// The bootstrap's `node.id` and `node.locality.zone` (what the filter's
+    /// `service.proxy_id` and `zone` default to).
+    pub node: Option<(String, String)>,
+    /// Environment variables of the filter's VM (`vm_config.environment_variables`),
+    /// e.g. the companion's token for `service.token_env`.
+    pub vm_env: Vec<(String, String)>,
     /// Last-word edits of the bootstrap JSON, for anything the fields do not cover.
     pub tweaks: Vec<Tweak>,
     /// The address of the listener and the admin interface (default 127.0.0.1).
@@ -91,6 +97,8 @@ impl EnvoyOptions {
             xff_num_trusted_hops: 0,
             failure_policy: None,
             wasm_debug: false,
+            node: None,
+            vm_env: Vec::new(),
             tweaks: Vec::new(),
             listen_ip: Ipv4Addr::LOCALHOST,
             ports: None,
@@ -145,6 +153,16 @@ impl EnvoyOptions {
         self
     }
 
+    pub fn node(mut self, id: &str, zone: &str) -> Self {
+        self.node = Some((id.to_owned(), zone.to_owned()));
+        self
+    }
+
+    pub fn vm_env(mut self, name: &str, value: &str) -> Self {
+        self.vm_env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
     /// Sets a field of the listener's HttpConnectionManager (e.g. `normalize_path`).
     pub fn hcm(self, field: &str, value: Value) -> Self {
         let field = field.to_owned();
@@ -189,11 +207,15 @@ impl EnvoyOptions {
         let mut http_filters = Vec::new();
         if let Some(plugin_config) = &self.plugin_config {
             let wasm = self.wasm.clone().unwrap_or_else(crate::filter_wasm);
-            http_filters.push(wasm_filter(
-                plugin_config,
-                &wasm,
-                self.failure_policy.as_deref(),
-            ));
+            let mut filter = wasm_filter(plugin_config, &wasm, self.failure_policy.as_deref());
+            if !self.vm_env.is_empty() {
+                let vars: serde_json::Map<String, Value> = (self.vm_env.iter())
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect();
+                filter["typed_config"]["config"]["vm_config"]["environment_variables"] =
+                    json!({ "key_values": vars });
+            }
+            http_filters.push(filter);
         }
         http_filters.push(json!({
             "name": "envoy.filters.http.router",
@@ -238,6 +260,9 @@ impl EnvoyOptions {
                 "clusters": clusters,
             }
         });
+        if let Some((id, zone)) = &self.node {
+            bootstrap["node"] = json!({"id": id, "locality": {"zone": zone}});
+        }
         for tweak in &self.tweaks {
             tweak(&mut bootstrap);
         }
