@@ -15,17 +15,19 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use meshlimit_core::config::{HeaderMode, Rule};
+use meshlimit_core::config::{HeaderMode, Rule, Scope};
 use meshlimit_core::gcra::Decision;
+use meshlimit_core::global::{self, Admission, FailureMode};
 use meshlimit_core::headers::{RateLimitHeaders, Rejection};
 use meshlimit_core::matching::{self, HeaderValue, Tally, Verdict};
+use meshlimit_core::report::RELEASE;
 use meshlimit_core::{path, table};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use crate::host::{self, EnvoySharedData};
 use crate::metrics::{self, Counter};
-use crate::root::Plugin;
+use crate::root::{Plugin, VmState};
 
 pub struct RateLimitHttp {
     plugin: Rc<Plugin>,
@@ -67,11 +69,108 @@ fn client_ip() -> Option<Vec<u8>> {
     Some(matching::strip_port(&addr).to_vec())
 }
 
+/// Takes a token from every limit of `rule` (index `index`) for the client with
+/// `fingerprint`, as its scope says. `closed` is set when the rule refused because its
+/// failure mode is `closed` (the 429 then says the limiter is unavailable).
+fn take(
+    plugin: &Plugin,
+    index: usize,
+    rule: &Rule,
+    fingerprint: u64,
+    now_ns: u64,
+    closed: &Cell<Option<usize>>,
+) -> Decision {
+    match (rule.scope, &plugin.vm) {
+        (Scope::Global, Some(vm)) => {
+            let d = take_global(plugin, vm, index, rule, fingerprint, now_ns);
+            if d == CLOSED {
+                closed.set(Some(index));
+            }
+            d
+        }
+        _ => take_local(rule, fingerprint, plugin.config.sets, now_ns),
+    }
+}
+
+/// The decision `closed` failure mode answers with: refused, retry in a second.
+const CLOSED: Decision = Decision {
+    allowed: false,
+    tightest: 0,
+    remaining: 0,
+    reset_ns: 1_000_000_000,
+    retry_after_ns: 1_000_000_000,
+    changed: false,
+};
+
+/// A global rule's take: the same one get and one CAS as a local one, on an entry that
+/// also holds the key's share; which share applies and whether the key is reported are
+/// decided in VM memory (`meshlimit_core::global::decide`), and a key worth reporting
+/// goes into this VM's candidate set (no host call, no allocation).
+fn take_global(
+    plugin: &Plugin,
+    vm: &VmState,
+    index: usize,
+    rule: &Rule,
+    fingerprint: u64,
+    now: u64,
+) -> Decision {
+    let sync = vm.sync.get();
+    let params = &plugin.rule_params[index];
+    let taken = table::take_global(
+        &EnvoySharedData,
+        &rule.limits,
+        index as u16,
+        fingerprint,
+        plugin.config.sets,
+        now,
+        || global::fresh_state(&sync, params, now),
+        |tats, state| global::decide(&rule.limits, tats, state, &sync, params, now),
+    );
+    let taken = match taken {
+        Ok(t) => t,
+        Err(_) => {
+            metrics::count(Counter::FailedOpen);
+            return Decision::UNMETERED;
+        }
+    };
+    let mut candidates = vm.candidates.borrow_mut();
+    if taken.evicted.active {
+        metrics::count(Counter::Evicted);
+    }
+    if let Some((r, f)) = taken.evicted.grant_of {
+        candidates.add(r, f, RELEASE, 0);
+    }
+    let d = taken.outcome;
+    match d.by_failure_mode() {
+        Some(FailureMode::Local) => metrics::count(Counter::FailureModeLocal),
+        Some(FailureMode::Open) => metrics::count(Counter::FailureModeOpen),
+        Some(FailureMode::Closed) => metrics::count(Counter::FailureModeClosed),
+        None => {}
+    }
+    let decision = match d.admission {
+        Admission::Bucket(mut decision) => {
+            // Share 0 has no bucket to wait for: a share may come with the next sync.
+            let interval = plugin.rule_params[index].trigger.interval_ns;
+            decision.retry_after_ns = decision.retry_after_ns.min(interval.max(1));
+            decision
+        }
+        Admission::Open => Decision::UNMETERED,
+        Admission::Closed => CLOSED,
+    };
+    candidates.add(
+        index as u16,
+        fingerprint,
+        d.reasons,
+        u32::from(!decision.allowed),
+    );
+    decision
+}
+
 /// Takes a token from every limit of `rule` for the client with `fingerprint` (one
 /// shared-data get, and one CAS when admitted). A take the table cannot make (contention
 /// on one set past the retry bound, a shared-data failure) admits: a request the filter
 /// could not count is not refused for it, and the counter shows it happened.
-fn take(rule: &Rule, fingerprint: u64, sets: u32, now_ns: u64) -> Decision {
+fn take_local(rule: &Rule, fingerprint: u64, sets: u32, now_ns: u64) -> Decision {
     match table::take(&EnvoySharedData, &rule.limits, fingerprint, sets, now_ns) {
         Ok(taken) => {
             if taken.evicted_active {
@@ -125,6 +224,7 @@ impl HttpContext for RateLimitHttp {
         // Fetched at most once per request, whichever rules ask for them.
         let mut ip: Option<Option<Vec<u8>>> = None;
         let now = Cell::new(0u64);
+        let closed = Cell::new(None);
         let mut tally = Tally::default();
         let verdict = path::with_normal(&raw_path, |path| {
             let candidates = matching::matching_rules(
@@ -141,11 +241,11 @@ impl HttpContext for RateLimitHttp {
                         ip.get_or_insert_with(client_ip).clone()
                     })
                 },
-                |rule, fingerprint| {
+                |index, rule, fingerprint| {
                     if now.get() == 0 {
                         now.set(host::now_ns());
                     }
-                    take(rule, fingerprint, config.sets, now.get())
+                    take(&plugin, index, rule, fingerprint, now.get(), &closed)
                 },
                 &mut tally,
             )
@@ -186,7 +286,12 @@ impl HttpContext for RateLimitHttp {
         };
         if !applied.decision.allowed && !config.rules[applied.rule].shadow {
             metrics::count(Counter::Rejected);
-            let rejection = Rejection::new(&config.rules[applied.rule].id, &applied.decision);
+            let id = &config.rules[applied.rule].id;
+            let rejection = if closed.get() == Some(applied.rule) {
+                Rejection::unavailable(id)
+            } else {
+                Rejection::new(id, &applied.decision)
+            };
             outcome.replied = true;
             // Set before replying: the local reply passes through on_http_response_headers.
             self.outcome = Some(outcome);

@@ -25,9 +25,14 @@ pub enum Counter {
     BadPath,
     /// A client key header came more than once: answered 400.
     RepeatedKeyHeader,
+    /// A global (or strict) rule decided a request by its failure mode `local`, `open`
+    /// or `closed`: the companion was unreachable.
+    FailureModeLocal,
+    FailureModeOpen,
+    FailureModeClosed,
 }
 
-const N: usize = 8;
+const N: usize = 11;
 
 const COUNTERS: [(Counter, &str); N] = [
     (Counter::Allowed, "meshlimit_allowed_total"),
@@ -40,6 +45,18 @@ const COUNTERS: [(Counter, &str); N] = [
     (
         Counter::RepeatedKeyHeader,
         "meshlimit_repeated_key_header_total",
+    ),
+    (
+        Counter::FailureModeLocal,
+        "meshlimit_failure_mode_local_total",
+    ),
+    (
+        Counter::FailureModeOpen,
+        "meshlimit_failure_mode_open_total",
+    ),
+    (
+        Counter::FailureModeClosed,
+        "meshlimit_failure_mode_closed_total",
     ),
 ];
 

@@ -1,11 +1,14 @@
 //! Per VM: read and check the plugin configuration, set up the bucket table and the
 //! metrics, build what every request needs, and flush the metrics on each tick.
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
 use log::{error, info};
 use meshlimit_core::config::{self, Config, ConfigError};
+use meshlimit_core::global::{RuleParams, SyncView};
+use meshlimit_core::report::{CandidateSet, TriggerParams};
 use meshlimit_core::{headers, table};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -22,6 +25,22 @@ pub struct Plugin {
     pub policies: Vec<String>,
     /// The companion, when some rule is global or strict.
     pub companion: Option<Companion>,
+    /// How each global rule decides (same index as `config.rules`; unused for others).
+    pub rule_params: Vec<RuleParams>,
+    /// This VM's global-scope state, when some rule talks to the companion.
+    pub vm: Option<VmState>,
+}
+
+/// Candidates a VM holds between two ticks (merged into the proxy's outbox on each
+/// tick; beyond this many keys, new ones are dropped and counted).
+pub const CANDIDATES_PER_VM: usize = 4096;
+
+/// What the request path of one VM reads and writes for global rules, in VM memory:
+/// the proxy's sync state (refreshed from shared data on each tick) and the keys to
+/// report.
+pub struct VmState {
+    pub sync: Cell<SyncView>,
+    pub candidates: RefCell<CandidateSet>,
 }
 
 #[derive(Default)]
@@ -71,6 +90,24 @@ impl RootContext for Root {
         metrics::define();
         table::create(&EnvoySharedData, config.sets);
         let policies = config.rules.iter().map(headers::policy_header).collect();
+        let interval_ns = companion
+            .as_ref()
+            .map_or(1_000_000_000, |c| c.interval.as_nanos() as u64);
+        let rule_params = (config.rules.iter())
+            .map(|r| RuleParams {
+                mode: r.failure_mode,
+                fallback_share: companion.as_ref().and_then(|c| c.fallback_share),
+                trigger: TriggerParams::for_interval(interval_ns),
+            })
+            .collect();
+        let vm = companion.as_ref().map(|_| VmState {
+            sync: Cell::new(SyncView {
+                last_ok_sent_ns: None,
+                proxy_ttl_ns: 3 * interval_ns,
+                n_live: 0,
+            }),
+            candidates: RefCell::new(CandidateSet::with_capacity(CANDIDATES_PER_VM)),
+        });
         info!(
             "configured {} rules, {} bucket sets",
             config.rules.len(),
@@ -80,6 +117,8 @@ impl RootContext for Root {
             config,
             policies,
             companion,
+            rule_params,
+            vm,
         }));
         host::set_tick_period(Duration::from_secs(1));
         true
