@@ -17,6 +17,7 @@ use crate::host::{self, EnvoySharedData};
 use crate::http::RateLimitHttp;
 use crate::metrics;
 use crate::service::Companion;
+use crate::sync::Syncer;
 
 /// What every request of this VM needs, built once per configuration.
 pub struct Plugin {
@@ -46,15 +47,14 @@ pub struct VmState {
 #[derive(Default)]
 pub struct Root {
     plugin: Option<Rc<Plugin>>,
-    /// The callout `on_configure` sent to find out whether the companion's cluster
-    /// exists; its answer is of no further use.
-    probe: Option<u32>,
+    /// This VM's part in the sync with the companion.
+    syncer: Option<Syncer>,
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _: usize) {
-        if self.probe == Some(token) {
-            self.probe = None;
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _: usize) {
+        if let (Some(syncer), Some(plugin)) = (&mut self.syncer, &self.plugin) {
+            syncer.on_answer(plugin, token, body);
         }
     }
 }
@@ -74,21 +74,31 @@ impl RootContext for Root {
             Err(e) => return refuse(e),
         };
         let companion = match &config.service {
-            Some(service) if config.uses_service() => {
-                let companion = match Companion::resolve(service) {
-                    Ok(c) => c,
-                    Err(e) => return refuse(e),
-                };
-                match companion.probe() {
-                    Ok(token) => self.probe = Some(token),
-                    Err(e) => return refuse(e),
-                }
-                Some(companion)
-            }
+            Some(service) if config.uses_service() => match Companion::resolve(service) {
+                Ok(c) => Some(c),
+                Err(e) => return refuse(e),
+            },
             _ => None,
         };
         metrics::define();
         table::create(&EnvoySharedData, config.sets);
+        self.syncer = None;
+        if let Some(c) = &companion {
+            // The first heartbeat is also the check that Envoy has the cluster: a
+            // callout to a cluster it does not have is refused at once.
+            match Syncer::start(c, host::now_ns()) {
+                Ok(s) => self.syncer = Some(s),
+                Err(()) => {
+                    return refuse(ConfigError {
+                        path: "service.cluster".into(),
+                        reason: format!(
+                            "Envoy has no cluster {:?} (a callout to it was refused): define it in the bootstrap, or under Istio use outbound|<port>||<host>",
+                            c.cluster
+                        ),
+                    })
+                }
+            }
+        }
         let policies = config.rules.iter().map(headers::policy_header).collect();
         let interval_ns = companion
             .as_ref()
@@ -113,6 +123,11 @@ impl RootContext for Root {
             config.rules.len(),
             config.sets
         );
+        // Global rules: ticks several times an interval, so that candidates reach the
+        // outbox and every VM's view of the sync state is fresh well within one.
+        let tick = companion.as_ref().map_or(Duration::from_secs(1), |c| {
+            (c.interval / 4).clamp(Duration::from_millis(25), Duration::from_millis(250))
+        });
         self.plugin = Some(Rc::new(Plugin {
             config,
             policies,
@@ -120,11 +135,14 @@ impl RootContext for Root {
             rule_params,
             vm,
         }));
-        host::set_tick_period(Duration::from_secs(1));
+        host::set_tick_period(tick);
         true
     }
 
     fn on_tick(&mut self) {
+        if let (Some(syncer), Some(plugin)) = (&mut self.syncer, &self.plugin) {
+            syncer.tick(plugin, host::now_ns());
+        }
         metrics::flush();
     }
 

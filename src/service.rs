@@ -53,24 +53,4 @@ impl Companion {
         ];
         host::dispatch_http_call(&self.cluster, headers, body, self.timeout)
     }
-
-    /// `GET /healthz`, sent from `on_configure`: Envoy refuses a callout to a cluster it
-    /// does not have at once, which is how an unknown `service.cluster` is found before
-    /// the first request needs it.
-    pub fn probe(&self) -> Result<u32, ConfigError> {
-        let headers = vec![
-            (":method", "GET"),
-            (":path", "/healthz"),
-            (":authority", self.authority.as_str()),
-        ];
-        host::dispatch_http_call(&self.cluster, headers, &[], self.timeout).map_err(|()| {
-            ConfigError {
-                path: "service.cluster".into(),
-                reason: format!(
-                    "Envoy has no cluster {:?} (a callout to it was refused): define it in the bootstrap, or under Istio use outbound|<port>||<host>",
-                    self.cluster
-                ),
-            }
-        })
-    }
 }

@@ -24,6 +24,7 @@ pub mod h2;
 pub mod lb;
 pub mod load;
 pub mod netns;
+pub mod peer;
 pub mod process;
 pub mod redis_cluster;
 pub mod topology;

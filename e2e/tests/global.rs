@@ -138,3 +138,85 @@ fn a_good_service_block_starts() {
     assert!(!envoy.log().contains("configuration refused"));
     assert!(!envoy.log().contains("test-token"));
 }
+
+mod scripted {
+    use super::*;
+    use meshlimit_e2e::peer::{Peer, StrictBehaviour, SyncBehaviour};
+    use meshlimit_e2e::Request;
+    use std::time::{Duration, Instant};
+
+    const HALF: u32 = 500_000_000;
+
+    fn grant(share: u32) -> SyncBehaviour {
+        SyncBehaviour::Grant {
+            share,
+            proxies: 2,
+            lease_ms: 60_000,
+        }
+    }
+
+    /// Waits until `f` holds, polling; panics with `what` after `timeout`.
+    fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < timeout, "{what}: not after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn one_report_per_proxy_per_interval_with_the_token_and_the_hot_keys() {
+        let peer = Peer::start(grant(HALF), StrictBehaviour::Allow);
+        let upstream = Upstream::start();
+        let cfg = config(
+            &format!(r#","token_env":"{TOKEN_ENV}","sync_interval_ms":250,"timeout_ms":100"#),
+            "",
+        );
+        let envoy = Envoy::start_with(options(&cfg, peer.port).upstream(&upstream));
+        // The heartbeats of start-up (one per VM), then one report per interval.
+        wait_for("first reports", Duration::from_secs(5), || {
+            peer.syncs() >= 6
+        });
+        let mut c = envoy.client();
+        for _ in 0..20 {
+            c.send(&Request::get("/g").header("x-api-key", "hot"));
+        }
+        let before = peer.syncs();
+        std::thread::sleep(Duration::from_secs(2));
+        let during = peer.syncs() - before;
+        assert!(
+            (7..=9).contains(&during),
+            "{during} reports in 2 s at 250 ms"
+        );
+        let received = peer.received();
+        assert!(received
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some("Bearer test-token")));
+        let reports = peer.reports();
+        let ids: std::collections::BTreeSet<&str> =
+            reports.iter().map(|r| r.proxy_id.as_str()).collect();
+        assert_eq!(ids.len(), 1, "one id for every VM: {ids:?}");
+        let id = ids.iter().next().unwrap();
+        assert!(
+            id.starts_with("envoy-test/") && id.len() == "envoy-test/".len() + 8,
+            "{id}"
+        );
+        assert!(reports
+            .iter()
+            .all(|r| r.zone == "az-t" && r.interval_ms == 250));
+        let hot: Vec<_> = reports
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .filter(|e| e.rule == "g")
+            .collect();
+        assert!(!hot.is_empty(), "the hot key was reported");
+        let admitted: u64 = hot.iter().map(|e| e.admitted).sum();
+        let rejected: u64 = hot.iter().map(|e| e.rejected).sum();
+        println!(
+            "reports: {}, hot key entries: {}, admitted {admitted}, rejected {rejected}",
+            reports.len(),
+            hot.len()
+        );
+        assert!(envoy.stat("meshlimit_sync_ok_total").unwrap_or(0) >= 6);
+    }
+}
