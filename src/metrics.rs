@@ -47,9 +47,16 @@ pub enum Counter {
     /// Whole seconds the companion was unreachable (the proxy ran on its failure modes),
     /// counted by the VM that sends the reports.
     FallbackSeconds,
+    /// Strict checks the companion answered (admitted, refused), and those it did not
+    /// answer (in time, or validly), by the rule's failure mode.
+    StrictAllowed,
+    StrictRejected,
+    StrictFailedOpen,
+    StrictFailedClosed,
+    StrictFailedLocal,
 }
 
-const N: usize = 18;
+const N: usize = 23;
 
 const COUNTERS: [(Counter, &str); N] = [
     (Counter::Allowed, "meshlimit_allowed_total"),
@@ -82,6 +89,20 @@ const COUNTERS: [(Counter, &str); N] = [
     (Counter::ReportDropped, "meshlimit_report_dropped_total"),
     (Counter::GrantsApplied, "meshlimit_grants_applied_total"),
     (Counter::FallbackSeconds, "meshlimit_fallback_seconds_total"),
+    (Counter::StrictAllowed, "meshlimit_strict_allowed_total"),
+    (Counter::StrictRejected, "meshlimit_strict_rejected_total"),
+    (
+        Counter::StrictFailedOpen,
+        "meshlimit_strict_failed_open_total",
+    ),
+    (
+        Counter::StrictFailedClosed,
+        "meshlimit_strict_failed_closed_total",
+    ),
+    (
+        Counter::StrictFailedLocal,
+        "meshlimit_strict_failed_local_total",
+    ),
 ];
 
 /// Gauges, set on the tick by the VM that sends the reports.

@@ -18,7 +18,8 @@
 //!   table entry, which share applies, admission at a share), [`report`] (which keys a
 //!   proxy reports, the bounded candidate and tracked sets), [`shares`] (the
 //!   companion's work-conserving share allocation), [`sync`] (the proxy's side of the
-//!   sync: outbox, leader, report and answer, through shared data).
+//!   sync: outbox, leader, report and answer, through shared data), [`strict`] (the
+//!   strict check's callout and answer).
 
 pub mod config;
 pub mod gcra;
@@ -31,6 +32,7 @@ pub mod path;
 pub mod protocol;
 pub mod report;
 pub mod shares;
+pub mod strict;
 pub mod sync;
 pub mod table;
 
