@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs, builds the filter, runs the unit tests,
-# then the end-to-end tests against a real Envoy. `.ci/run` runs this.
+# The whole test suite: installs what it needs, runs the gates (format and lints, as the
+# proxy-wasm Rust SDK's CI does), builds the filter, runs the unit tests and a short
+# fuzzing pass, then the end-to-end tests against a real Envoy. `.ci/run` runs this.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,10 +19,26 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 command -v ip >/dev/null 2>&1 || { apt-get update && apt-get install -y iproute2; }
 
-section "toolchain: wasm targets"
+section "toolchain: wasm targets, clippy, rustfmt"
 # RUSTUP_AUTO_INSTALL=0 on the project machines: rust-toolchain.toml alone installs nothing.
 rustup target add wasm32-wasip1 wasm32-unknown-unknown
+rustup component add clippy rustfmt
 cargo --version
+
+# The gates first: they are the cheapest to fail. The lints the project holds itself to
+# are the [workspace.lints] table of Cargo.toml; -D warnings makes every warning, of
+# rustc and clippy, an error. The filter is also linted for the target it ships on, and
+# the core for the one its tests run on in wasm: code behind cfg(target_arch = "wasm32")
+# is only seen there.
+section "gate: cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+section "gate: cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+section "gate: clippy for the filter on wasm32-wasip1, the core on wasm32-unknown-unknown"
+cargo clippy -p meshlimit-filter --target wasm32-wasip1 --all-targets -- -D warnings
+cargo clippy -p meshlimit-core --target wasm32-unknown-unknown --all-targets -- -D warnings
 
 section "Envoy"
 ENVOY_BIN="$(scripts/install-envoy.sh)"
@@ -38,6 +55,11 @@ ls -l "$(scripts/build-filter.sh)"
 
 section "unit tests"
 cargo test --workspace --exclude meshlimit-e2e
+
+section "fuzzing: a short pass of every target (scripts/fuzz.sh ${FUZZ_SECONDS:-10})"
+# Replays every seed and kept crash input (fuzz/corpus/), then fuzzes each target for
+# FUZZ_SECONDS. README, "Fuzzing"; the long runs are `scripts/fuzz.sh 300`.
+scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 section "core unit tests inside wasm (wasm32-unknown-unknown under Node)"
 # The same tests as above, compiled to wasm and run by wasm-bindgen-test: the core

@@ -3,7 +3,8 @@
 //!
 //! Parsing is two steps. `serde` reads the JSON into `Raw*` structs that refuse unknown
 //! fields, duplicate fields (also inside `match.headers`, where names equal after
-//! lower-casing are duplicates) and anything after the JSON document, with
+//! lower-casing are duplicates), arrays in place of objects (`crate::strict`) and
+//! anything after the JSON document, with
 //! `serde_path_to_error` naming the field path; then [`compile`] checks every value and
 //! builds the runtime [`Config`]. Every refusal is one [`ConfigError`] whose `Display` is
 //! a single line `path: reason`, which is what the filter logs.
@@ -51,12 +52,33 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// Every refusal is built here. Field names, map keys and enum values in the path and
+    /// the reason come from the configuration itself (serde quotes an unknown field as
+    /// written), so control characters are escaped: a refusal stays the one log line the
+    /// filter writes, and a configuration cannot forge further lines in the proxy log.
     fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError {
-            path: path.into(),
-            reason: reason.into(),
+            path: one_line(path.into()),
+            reason: one_line(reason.into()),
         }
     }
+}
+
+/// `s` with each control character (`\n`, `\r`, ESC, U+0085, ...) written as its Rust
+/// escape (`\n`, `\u{1b}`); unchanged, without a copy, when it holds none.
+fn one_line(s: String) -> String {
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl fmt::Display for ConfigError {
@@ -75,7 +97,7 @@ impl std::error::Error for ConfigError {}
 // The JSON shape.
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawConfig {
     rules: Vec<RawRule>,
     #[serde(default)]
@@ -96,7 +118,7 @@ struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawService {
     cluster: String,
     #[serde(default)]
@@ -118,7 +140,7 @@ struct RawService {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawRule {
     id: String,
     #[serde(default)]
@@ -139,7 +161,7 @@ struct RawRule {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawMatch {
     path: String,
     #[serde(default)]
@@ -149,6 +171,12 @@ struct RawMatch {
     #[serde(default)]
     headers: Option<HeaderMatches>,
 }
+
+// Each record is read from a JSON object only (`[[]]` is not a configuration with no
+// rules, nor `[["id",0,...]]` a rule by position), each choice from a string only.
+crate::json::deserialize_strictly!(
+    RawConfig, RawService, RawRule, RawMatch, RawLimit, HeaderMode, Scope
+);
 
 /// `match.headers`: names to exact values, in file order. A JSON object may repeat a
 /// name (serde's maps keep the last one silently); here a repeated name, or two names
@@ -188,7 +216,7 @@ impl<'de> Deserialize<'de> for HeaderMatches {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 struct RawLimit {
     window: String,
     max: u64,
@@ -201,7 +229,7 @@ struct RawLimit {
 
 /// Which rate-limit headers go on responses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[serde(remote = "Self", rename_all = "kebab-case")]
 pub enum HeaderMode {
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (epoch seconds).
     #[default]
@@ -223,7 +251,7 @@ impl HeaderMode {
 
 /// Where a rule's limits are enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[serde(remote = "Self", rename_all = "kebab-case")]
 pub enum Scope {
     /// This Envoy alone: its workers share one set of buckets.
     #[default]
@@ -1032,16 +1060,25 @@ pub fn parse_window(w: &str) -> Result<u64, String> {
     if w.len() < 2 || w.len() > 12 {
         return Err(bad());
     }
-    let (num, unit) = w.split_at(w.len() - 1);
-    if !num.bytes().all(|b| b.is_ascii_digit()) {
+    // Split as bytes: the unit is one ASCII letter, and a window whose last character
+    // takes several bytes ("ŗ") is refused like any other, not cut inside that character.
+    let Some((&unit, digits)) = w.as_bytes().split_last() else {
+        return Err(bad());
+    };
+    if !digits.iter().all(u8::is_ascii_digit) {
         return Err(bad());
     }
-    let n: u64 = num.parse().map_err(|_| bad())?;
+    let n = digits
+        .iter()
+        .try_fold(0u64, |n, &d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .ok_or_else(bad)?;
     let unit_secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
+        b's' => 1,
+        b'm' => 60,
+        b'h' => 3600,
+        b'd' => 86_400,
         _ => return Err(bad()),
     };
     let secs = n.checked_mul(unit_secs).ok_or_else(bad)?;

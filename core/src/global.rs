@@ -102,7 +102,7 @@ impl KeyState {
 /// What a global rule does while it has no valid grant and the companion is
 /// unreachable (and a strict rule when its callout fails).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(remote = "Self", rename_all = "lowercase")]
 pub enum FailureMode {
     /// The local bucket at the fallback share.
     #[default]
@@ -112,6 +112,9 @@ pub enum FailureMode {
     /// Reject (429, `Retry-After: 1`, a body saying the limiter is unavailable).
     Closed,
 }
+
+// A choice, read from a string only (not `{"open":null}`), like the configuration's.
+crate::json::deserialize_strictly!(FailureMode);
 
 /// Proxy-level sync state, from VM memory (each VM refreshes it from shared data on its
 /// tick): no host call per request.
@@ -323,7 +326,10 @@ pub fn decide(
 /// `tat`s to the new shares, stores them with their expiry, takes the reported count
 /// off `admitted` (requests admitted while the report was in flight stay) and notes
 /// when the report was sent.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one grant touches each of these; a struct would be built for this call alone"
+)]
 pub fn apply_grant(
     limits: &[Limit],
     tats: &mut [u64],

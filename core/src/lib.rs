@@ -20,6 +20,8 @@
 //!   companion's work-conserving share allocation), [`sync`] (the proxy's side of the
 //!   sync: outbox, leader, report and answer, through shared data), [`strict`] (the
 //!   strict check's callout and answer).
+//! - [`json`]: records are read from JSON objects only (never arrays by position),
+//!   choices from strings only; the companion's body parsing.
 
 pub mod config;
 pub mod gcra;
@@ -27,6 +29,7 @@ pub mod global;
 pub mod hash;
 pub mod headers;
 pub mod host;
+pub mod json;
 pub mod matching;
 pub mod path;
 pub mod protocol;

@@ -13,7 +13,6 @@
 //! Client keys on the wire are fingerprints (16 hex digits of [`crate::hash`]), never raw
 //! API keys; the companion hashes them once more before they become Redis keys.
 
-use serde::de::{Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Most entries one sync may carry.
@@ -29,52 +28,18 @@ pub const MAX_ZONE_LEN: usize = 64;
 /// A sync `key` is a client fingerprint: exactly this many lower-case hex digits.
 pub const KEY_HEX_DIGITS: usize = 16;
 
-/// serde's derive reads a struct from a JSON array as well as from an object (fields by
-/// position), so `["envoy-a","",1000,[]]` would pass for a report. Every wire type here
-/// is an object and nothing else: each derives with `#[serde(remote = "Self")]`, which
-/// turns the derived code into inherent functions, and the trait impls below call them
-/// through [`ObjectOnly`], which asks the format for a map where the derive asks for a
-/// struct. Nested types go through their own impls, so the rule holds at every depth.
+/// Every wire type here is an object and nothing else, at every depth (never fields by
+/// position from an array): each derives with `#[serde(remote = "Self")]` and gets its
+/// trait impls from this macro, reading through `crate::strict`.
 macro_rules! object_only {
     ($($t:ty),* $(,)?) => {$(
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                <$t>::deserialize(ObjectOnly(d))
-            }
-        }
+        crate::json::deserialize_strictly!($t);
         impl Serialize for $t {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 <$t>::serialize(self, s)
             }
         }
     )*};
-}
-
-/// A deserializer that reads a struct only from a map (see [`object_only!`]).
-struct ObjectOnly<D>(D);
-
-impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
-    type Error = D::Error;
-
-    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
-        self.0.deserialize_any(v)
-    }
-
-    fn deserialize_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _fields: &'static [&'static str],
-        v: V,
-    ) -> Result<V::Value, D::Error> {
-        self.0.deserialize_map(v)
-    }
-
-    // The derive calls only `deserialize_struct` on it.
-    serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
-        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
-        identifier ignored_any
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

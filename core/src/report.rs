@@ -79,7 +79,10 @@ fn rate_at_least(limit: &Limit, admitted: u32, span_ns: u64, share: u32, permill
 /// Why this key should be in the next report after this request's decision (a set of
 /// the flags above; 0 = not a candidate). `state` and `tats` are as after
 /// [`crate::global::admit`].
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the decision's inputs as the request path has them; a struct would be built for this call alone"
+)]
 pub fn reasons(
     limits: &[Limit],
     tats: &[u64],

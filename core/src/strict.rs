@@ -29,8 +29,8 @@ pub fn parse_answer(status: u32, body: &[u8], rule: &Rule) -> Result<Decision, S
     if body.len() > MAX_ANSWER_BYTES {
         return Err(SyncFailure::Oversized(body.len()));
     }
-    let a: StrictAnswer =
-        serde_json::from_slice(body).map_err(|e| SyncFailure::Invalid(e.to_string()))?;
+    // Read strictly (objects only, nothing after them), the failure naming its field.
+    let a: StrictAnswer = crate::json::parse(body).map_err(SyncFailure::Invalid)?;
     if a.tightest >= rule.limits.len() {
         return Err(SyncFailure::Invalid(
             "tightest: not an index of the rule's limits".into(),
@@ -128,7 +128,17 @@ mod tests {
             (504, b"", "status 504"),
             (401, b"{}", "401: the companion refused the token"),
             (200, b"{\"allowed\":", "an invalid answer"),
-            (200, b"[true,0,0,0,0]", "an invalid answer"),
+            (200, b"[true,0,0,0,0]", "expected a JSON object"),
+            (
+                200,
+                br#"{"allowed":"yes","tightest":0,"remaining":1,"reset_ms":1,"retry_after_ms":0}"#,
+                "allowed: invalid type",
+            ),
+            (
+                200,
+                br#"{"allowed":true,"tightest":0,"remaining":1,"reset_ms":1,"retry_after_ms":0} {}"#,
+                "trailing characters",
+            ),
             (
                 200,
                 br#"{"allowed":true,"tightest":2,"remaining":1,"reset_ms":1,"retry_after_ms":0}"#,

@@ -489,8 +489,8 @@ pub fn parse_answer(
     if body.len() > crate::protocol::MAX_ANSWER_BYTES {
         return Err(SyncFailure::Oversized(body.len()));
     }
-    let answer: SyncAnswer =
-        serde_json::from_slice(body).map_err(|e| SyncFailure::Invalid(e.to_string()))?;
+    // Read strictly (objects only, nothing after them), the failure naming its field.
+    let answer: SyncAnswer = crate::json::parse(body).map_err(SyncFailure::Invalid)?;
     answer
         .validate_for(&pending.report)
         .map_err(SyncFailure::Invalid)?;

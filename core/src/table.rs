@@ -488,7 +488,10 @@ pub struct TakenGlobal<R> {
 /// `tat`s and share state (a fresh entry's are zeros, full buckets, and `fresh()`), and
 /// returns whether to store them and its outcome. The entry is written for rule index
 /// `rule` (kept for the release of its grant on eviction).
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request path's inputs as it has them, like take's; a struct would be built per request"
+)]
 pub fn take_global<S, R>(
     shared: &S,
     limits: &[Limit],

@@ -3,7 +3,7 @@
 //! alive, and parses responses with `httparse` (Content-Length, chunked, or until close).
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -338,32 +338,6 @@ pub fn send_raw(port: u16, bytes: &[u8]) -> io::Result<Response> {
     let mut reader = BufReader::new(stream);
     reader.get_mut().write_all(bytes)?;
     read_response(&mut reader, false)
-}
-
-/// Writes `bytes` on a new connection and returns everything received until the server
-/// closes it or nothing arrives for `idle`.
-pub fn send_raw_bytes(port: u16, bytes: &[u8], idle: Duration) -> io::Result<Vec<u8>> {
-    let mut stream = connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
-    stream.set_read_timeout(Some(idle))?;
-    stream.write_all(bytes)?;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(out)
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(out),
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Sends every request at once, each on its own connection and thread (released

@@ -85,8 +85,6 @@ pub struct CompanionSpec {
     /// Redis Cluster seed URLs.
     pub redis_seeds: Vec<String>,
     pub redis_password: String,
-    /// More command-line flags (e.g. `--share-ttl-ms 3000`).
-    pub extra_args: Vec<String>,
     /// Holds the token and password files and the log.
     pub dir: PathBuf,
 }
@@ -134,7 +132,6 @@ impl Companion {
             .arg(s.redis_seeds.join(","))
             .arg("--redis-password-file")
             .arg(s.dir.join("redis-password"))
-            .args(&s.extra_args)
             .env("ML_LOG", "info,redis=warn");
         let proc = Proc::start(&s.name, cmd, Some(&self.netns), &self.log_path());
         *self.proc.lock().unwrap() = Some(proc);

@@ -91,18 +91,9 @@ impl DelayProxy {
             .store(delay.as_micros() as u64, Ordering::SeqCst);
     }
 
-    pub fn delay(&self) -> Duration {
-        Duration::from_micros(self.delay_us.load(Ordering::SeqCst))
-    }
-
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
-    }
-
-    /// Connections open right now.
-    pub fn open_connections(&self) -> usize {
-        self.conns.lock().unwrap().len()
     }
 
     /// Closes every open connection (both sides) but keeps listening.

@@ -41,21 +41,13 @@ pub type Tweak = Arc<dyn Fn(&mut Value) + Send + Sync>;
 pub struct EnvoyOptions {
     /// The filter's plugin configuration (JSON text); `None` leaves the filter out.
     pub plugin_config: Option<String>,
-    /// The wasm module; default [`crate::filter_wasm`].
-    pub wasm: Option<PathBuf>,
     pub concurrency: u32,
     /// Route everything to the cluster `demo_upstream` at this port.
     pub upstream_port: Option<u16>,
-    /// When there is no upstream, the route answers this status and body itself.
-    pub direct_response: (u16, String),
     /// Extra STATIC HTTP/1.1 clusters on 127.0.0.1: (name, port).
     pub clusters: Vec<(String, u16)>,
     pub use_remote_address: bool,
     pub xff_num_trusted_hops: u32,
-    /// The wasm plugin's `failure_policy` (e.g. "FAIL_OPEN"); Envoy's default when None.
-    pub failure_policy: Option<String>,
-    /// `--component-log-level wasm:debug`, so the filter's debug logs reach the log.
-    pub wasm_debug: bool,
     /// The bootstrap's `node.id` and `node.locality.zone` (what the filter's
     /// `service.proxy_id` and `zone` default to).
     pub node: Option<(String, String)>,
@@ -88,15 +80,11 @@ impl EnvoyOptions {
     pub fn without_filter() -> EnvoyOptions {
         EnvoyOptions {
             plugin_config: None,
-            wasm: None,
             concurrency: 2,
             upstream_port: None,
-            direct_response: (200, "direct".to_owned()),
             clusters: Vec::new(),
             use_remote_address: false,
             xff_num_trusted_hops: 0,
-            failure_policy: None,
-            wasm_debug: false,
             node: None,
             vm_env: Vec::new(),
             tweaks: Vec::new(),
@@ -129,27 +117,6 @@ impl EnvoyOptions {
 
     pub fn xff_num_trusted_hops(mut self, hops: u32) -> Self {
         self.xff_num_trusted_hops = hops;
-        self
-    }
-
-    pub fn direct_response(mut self, status: u16, body: &str) -> Self {
-        self.upstream_port = None;
-        self.direct_response = (status, body.to_owned());
-        self
-    }
-
-    pub fn failure_policy(mut self, policy: &str) -> Self {
-        self.failure_policy = Some(policy.to_owned());
-        self
-    }
-
-    pub fn wasm(mut self, path: impl Into<PathBuf>) -> Self {
-        self.wasm = Some(path.into());
-        self
-    }
-
-    pub fn wasm_debug(mut self) -> Self {
-        self.wasm_debug = true;
         self
     }
 
@@ -206,8 +173,7 @@ impl EnvoyOptions {
     pub fn bootstrap(&self, port: u16, admin_port: u16) -> Value {
         let mut http_filters = Vec::new();
         if let Some(plugin_config) = &self.plugin_config {
-            let wasm = self.wasm.clone().unwrap_or_else(crate::filter_wasm);
-            let mut filter = wasm_filter(plugin_config, &wasm, self.failure_policy.as_deref());
+            let mut filter = wasm_filter(plugin_config, &crate::filter_wasm());
             if !self.vm_env.is_empty() {
                 let vars: serde_json::Map<String, Value> = (self.vm_env.iter())
                     .map(|(k, v)| (k.clone(), json!(v)))
@@ -224,8 +190,8 @@ impl EnvoyOptions {
         let route = match self.upstream_port {
             Some(_) => json!({"match": {"prefix": "/"}, "route": {"cluster": "demo_upstream"}}),
             None => json!({"match": {"prefix": "/"}, "direct_response": {
-                "status": self.direct_response.0,
-                "body": {"inline_string": self.direct_response.1},
+                "status": 200,
+                "body": {"inline_string": "direct"},
             }}),
         };
         let mut clusters: Vec<Value> = self
@@ -272,8 +238,8 @@ impl EnvoyOptions {
 
 /// The `envoy.filters.http.wasm` entry: V8, vm_id and root_id `meshlimit`, the plugin
 /// configuration as a StringValue (exactly what Istio sends for a WasmPlugin).
-pub fn wasm_filter(plugin_config: &str, wasm: &Path, failure_policy: Option<&str>) -> Value {
-    let mut config = json!({
+fn wasm_filter(plugin_config: &str, wasm: &Path) -> Value {
+    let config = json!({
         "name": "meshlimit",
         "root_id": "meshlimit",
         "configuration": {
@@ -286,9 +252,6 @@ pub fn wasm_filter(plugin_config: &str, wasm: &Path, failure_policy: Option<&str
             "code": {"local": {"filename": wasm.to_string_lossy()}},
         },
     });
-    if let Some(policy) = failure_policy {
-        config["failure_policy"] = json!(policy);
-    }
     json!({
         "name": "envoy.filters.http.wasm",
         "typed_config": {
@@ -360,10 +323,6 @@ impl Envoy {
     pub fn try_start_with(opts: EnvoyOptions) -> Result<Envoy, String> {
         let (port, admin_port) = opts.ports.unwrap_or_else(|| (free_port(), free_port()));
         let bootstrap = opts.bootstrap(port, admin_port);
-        let mut log_level = vec!["--log-level", "info"];
-        if opts.wasm_debug {
-            log_level.extend(["--component-log-level", "wasm:debug"]);
-        }
         let (dir, caller_dir) = match &opts.dir {
             Some(d) => {
                 fs::create_dir_all(d).expect("create envoy dir");
@@ -372,72 +331,26 @@ impl Envoy {
             None => (new_temp_dir(), false),
         };
         let netns = opts.netns.as_deref().map(Netns::open);
-        let launch = Launch {
-            ip: opts.listen_ip,
-            port,
-            admin_port,
-            concurrency: opts.concurrency,
-            extra_args: &log_level,
-            netns: netns.as_ref(),
-            dir,
-            caller_dir,
-        };
-        Envoy::launch(&bootstrap, launch)
-    }
-
-    /// Starts Envoy on a bootstrap built elsewhere, which must listen on 127.0.0.1:`port`
-    /// with admin on 127.0.0.1:`admin_port`.
-    pub fn try_start_bootstrap(
-        bootstrap: &Value,
-        port: u16,
-        admin_port: u16,
-        concurrency: u32,
-        extra_args: &[&str],
-    ) -> Result<Envoy, String> {
-        let launch = Launch {
-            ip: Ipv4Addr::LOCALHOST,
-            port,
-            admin_port,
-            concurrency,
-            extra_args,
-            netns: None,
-            dir: new_temp_dir(),
-            caller_dir: false,
-        };
-        Envoy::launch(bootstrap, launch)
-    }
-
-    fn launch(bootstrap: &Value, launch: Launch) -> Result<Envoy, String> {
-        let Launch {
-            ip,
-            port,
-            admin_port,
-            concurrency,
-            extra_args,
-            netns,
-            dir,
-            caller_dir,
-        } = launch;
         let config_path = dir.join("envoy.json");
-        fs::write(&config_path, serde_json::to_vec_pretty(bootstrap).unwrap())
+        fs::write(&config_path, serde_json::to_vec_pretty(&bootstrap).unwrap())
             .expect("write envoy config");
         let log = File::create(dir.join("envoy.log")).expect("create envoy log");
         let mut cmd = Command::new(crate::envoy_bin());
         cmd.arg("-c")
             .arg(&config_path)
-            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--concurrency", &opts.concurrency.to_string()])
             // No hot-restart shared memory, so several Envoys can run side by side.
             .arg("--disable-hot-restart")
-            .args(extra_args)
+            .args(["--log-level", "info"])
             .current_dir(crate::repo_root())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         // Its own process group (Drop kills the whole group), dying with the test process.
-        let child =
-            crate::process::spawn(cmd, netns).map_err(|e| format!("cannot spawn envoy: {e}"))?;
+        let child = crate::process::spawn(cmd, netns.as_ref())
+            .map_err(|e| format!("cannot spawn envoy: {e}"))?;
         let mut envoy = Envoy {
-            ip,
+            ip: opts.listen_ip,
             port,
             admin_port,
             dir,
@@ -502,20 +415,6 @@ impl Envoy {
     /// Everything Envoy wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
-    }
-
-    /// Polls the log until it contains `needle`; false after `timeout`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// GET on the admin interface: (status, body). Panics if the admin does not answer.
@@ -600,18 +499,6 @@ impl Drop for Envoy {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-/// Where and how one Envoy process starts.
-struct Launch<'a> {
-    ip: Ipv4Addr,
-    port: u16,
-    admin_port: u16,
-    concurrency: u32,
-    extra_args: &'a [&'a str],
-    netns: Option<&'a Netns>,
-    dir: PathBuf,
-    caller_dir: bool,
 }
 
 fn new_temp_dir() -> PathBuf {

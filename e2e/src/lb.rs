@@ -5,6 +5,7 @@
 //! One request per client connection (it asks Envoy to close after the response and
 //! relays everything back): enough to test which address Envoy and the filter see.
 
+use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,10 +93,11 @@ fn relay(client: TcpStream, backend: SocketAddr, own: Ipv4Addr) -> io::Result<()
         out.push_str(&line);
         out.push_str("\r\n");
     }
-    out.push_str(&format!(
+    let _ = write!(
+        out,
         "x-forwarded-for: {}\r\nconnection: close\r\n\r\n",
         xff.join(", ")
-    ));
+    );
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
     let mut upstream = connect_from(own, backend)?;

@@ -2,7 +2,8 @@
 //! running the real filter wasm, in front of an in-process demo upstream, driven by a
 //! small HTTP client that can send any bytes. [`topology`] builds three AZs on one
 //! machine (network namespaces, a Redis Cluster, a companion and an Envoy per AZ) for the
-//! global-limit scenarios.
+//! global-limit scenarios. [`istio`] checks the Istio manifests against the Istio CRD
+//! schemas, as the API server would.
 //!
 //! ```no_run
 //! use meshlimit_e2e::*;
@@ -21,6 +22,7 @@ pub mod companion;
 pub mod delay_proxy;
 pub mod envoy;
 pub mod h2;
+pub mod istio;
 pub mod lb;
 pub mod load;
 pub mod netns;
@@ -30,7 +32,7 @@ pub mod redis_cluster;
 pub mod topology;
 pub mod upstream;
 
-pub use client::{send_concurrent, send_raw, send_raw_bytes, Client, Request, Response};
+pub use client::{send_concurrent, send_raw, Client, Request, Response};
 pub use envoy::{free_port, Envoy, EnvoyOptions, SHIPPED_PATH_OPTIONS};
 pub use h2::send_h2;
 pub use lb::LoadBalancer;

@@ -7,7 +7,7 @@
 //! round-robin over its connections, and its latency is measured from when it was due,
 //! not from when it could be sent. A server that stalls therefore shows the whole stall
 //! in the percentiles instead of hiding it by holding the load back (coordinated
-//! omission). `service_latency` is the time from the write to the response.
+//! omission).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -63,11 +63,6 @@ impl Load {
         self.connections = n;
         self
     }
-
-    pub fn bucket(mut self, width: Duration) -> Self {
-        self.bucket = width;
-        self
-    }
 }
 
 /// Counts in one timeline bucket.
@@ -103,8 +98,6 @@ pub struct LoadReport {
     pub timeline: Vec<Bucket>,
     /// Microseconds, sorted: from when each request was due.
     latency_us: Vec<u32>,
-    /// Microseconds, sorted: from the write of each request.
-    service_us: Vec<u32>,
 }
 
 impl LoadReport {
@@ -115,11 +108,6 @@ impl LoadReport {
     /// Latency at quantile `q` (0.5, 0.99, 1.0 = max), from when requests were due.
     pub fn latency(&self, q: f64) -> Duration {
         percentile(&self.latency_us, q)
-    }
-
-    /// Latency at quantile `q` from the write of each request.
-    pub fn service_latency(&self, q: f64) -> Duration {
-        percentile(&self.service_us, q)
     }
 
     /// Requests per second actually sent.
@@ -159,7 +147,6 @@ fn percentile(sorted: &[u32], q: f64) -> Duration {
 pub struct LoadRun {
     threads: Vec<(usize, JoinHandle<ThreadResult>)>,
     loads: Vec<Load>,
-    start: Instant,
 }
 
 #[derive(Default)]
@@ -174,7 +161,6 @@ struct ThreadResult {
     max_lag: Duration,
     timeline: Vec<Bucket>,
     latency_us: Vec<u32>,
-    service_us: Vec<u32>,
 }
 
 /// Runs every load at once for `duration` and waits for the reports (in `loads` order).
@@ -210,19 +196,9 @@ impl LoadRun {
                 threads.push((li, t));
             }
         }
-        let start = Instant::now();
-        start_cell.set(start).expect("set once");
+        start_cell.set(Instant::now()).expect("set once");
         ready.wait();
-        LoadRun {
-            threads,
-            loads,
-            start,
-        }
-    }
-
-    /// When the loads started.
-    pub fn started(&self) -> Instant {
-        self.start
+        LoadRun { threads, loads }
     }
 
     pub fn join(self) -> Vec<LoadReport> {
@@ -304,7 +280,6 @@ fn connection_loop(
             }
         }
         r.latency_us.push(micros(done - due));
-        r.service_us.push(micros(done - sent_at));
     }
     r
 }
@@ -327,7 +302,6 @@ fn merge(load: &Load, parts: Vec<ThreadResult>) -> LoadReport {
         bucket: load.bucket,
         timeline: Vec::new(),
         latency_us: Vec::new(),
-        service_us: Vec::new(),
     };
     for p in parts {
         rep.sent += p.sent;
@@ -351,10 +325,8 @@ fn merge(load: &Load, parts: Vec<ThreadResult>) -> LoadReport {
             a.other += b.other;
         }
         rep.latency_us.extend(p.latency_us);
-        rep.service_us.extend(p.service_us);
     }
     rep.latency_us.sort_unstable();
-    rep.service_us.sort_unstable();
     rep
 }
 

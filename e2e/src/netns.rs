@@ -136,15 +136,18 @@ impl Netns {
     /// the spawn.
     pub fn apply_to(&self, cmd: &mut Command) {
         let fd: RawFd = self.file.as_raw_fd();
-        // SAFETY: setns is async-signal-safe and touches no memory of the parent; the fd
-        // is open in the child until exec closes it (O_CLOEXEC).
+        let enter = move || {
+            // SAFETY: setns takes an fd and a flag, no pointer; the fd is open in the
+            // child until exec closes it (O_CLOEXEC).
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: the closure only calls setns, which is async-signal-safe and touches
+        // no memory of the parent.
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(enter);
         }
     }
 

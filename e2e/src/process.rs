@@ -17,13 +17,16 @@ use crate::netns::Netns;
 /// signal, inside `netns` when given.
 pub fn spawn(mut cmd: Command, netns: Option<&Netns>) -> io::Result<Child> {
     cmd.process_group(0);
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    let die_with_parent = || {
+        // If the test process dies without running Drop, the child dies with it.
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number, no pointer.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        Ok(())
+    };
+    // SAFETY: the closure only calls prctl, which is async-signal-safe and touches no
+    // memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            // If the test process dies without running Drop, the child dies with it.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
+        cmd.pre_exec(die_with_parent);
     }
     if let Some(ns) = netns {
         ns.apply_to(&mut cmd);
@@ -122,11 +125,6 @@ impl Proc {
             }
             let _ = child.wait();
         }
-    }
-
-    /// The last `lines` lines of the log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log, lines)
     }
 }
 

@@ -508,14 +508,6 @@ impl RedisCluster {
         self.nodes.iter().filter_map(RedisNode::pid).collect()
     }
 
-    /// (name, log path) of every node.
-    pub fn logs(&self) -> Vec<(String, PathBuf)> {
-        self.nodes
-            .iter()
-            .map(|n| (format!("redis {}", n.spec.name), n.log_path()))
-            .collect()
-    }
-
     /// Kills every node.
     pub fn stop(&self) {
         for n in &self.nodes {

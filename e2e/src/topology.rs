@@ -15,8 +15,8 @@
 //!   |  Envoy :10000 (admin |  |  Envoy :10000 (admin |  |  Envoy :10000 (admin |
 //!   |    :9901) -> upstream|  |    :9901) -> upstream|  |    :9901) -> upstream|
 //!   |  meshlimit_service = |  |  meshlimit_service = |  |  meshlimit_service = |
-//!   |   delay proxy :8181  |  |   delay proxy :8181  |  |   delay proxy :8181  |
-//!   |   -> companion :8081 |  |   -> companion :8081 |  |   -> companion :8081 |
+//!   |   delay proxy :8180  |  |   delay proxy :8180  |  |   delay proxy :8180  |
+//!   |   -> companion :8080 |  |   -> companion :8080 |  |   -> companion :8080 |
 //!   |  redis master A :7000|  |  redis master B :7000|  |  redis master C :7000|
 //!   |  replica of C   :7001|  |  replica of A   :7001|  |  replica of B   :7001|
 //!   |            10.77.0.1 |  |            10.77.0.2 |  |            10.77.0.3 |
@@ -58,7 +58,7 @@ use std::fs::File;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -79,10 +79,13 @@ pub use network::{cleanup_leftovers, leftovers, MachineLock};
 
 pub const ENVOY_PORT: u16 = 10000;
 pub const ENVOY_ADMIN_PORT: u16 = 9901;
-pub const COMPANION_PORT: u16 = 8081;
-pub const COMPANION_PROXY_PORT: u16 = 8181;
+pub const COMPANION_PORT: u16 = 8080;
+pub const COMPANION_PROXY_PORT: u16 = 8180;
 pub const REDIS_MASTER_PORT: u16 = 7000;
 pub const REDIS_REPLICA_PORT: u16 = 7001;
+/// Redis `cluster-node-timeout`: a master's replica is promoted about twice this after
+/// the master is lost (README, "Three AZs on one machine").
+const REDIS_NODE_TIMEOUT_MS: u64 = 1000;
 /// The Envoy cluster of the AZ's companion, for the filter's `service.cluster`.
 pub const SERVICE_CLUSTER: &str = "meshlimit_service";
 /// The VM environment variable holding the companion's bearer token, for the filter's
@@ -152,72 +155,26 @@ impl Az {
     }
 }
 
-/// Changes an AZ's Envoy options before it starts.
-pub type EnvoyHook = Arc<dyn Fn(Az, EnvoyOptions) -> EnvoyOptions + Send + Sync>;
-
 /// What to bring up.
 #[derive(Clone)]
 pub struct TopologyOptions {
     /// The filter's plugin configuration (JSON) for every Envoy.
     pub plugin_config: String,
-    /// Per-AZ replacements of `plugin_config`.
-    pub plugin_config_az: [Option<String>; 3],
-    /// More flags for every companion (e.g. `--share-ttl-ms`).
-    pub companion_args: Vec<String>,
     /// Envoy reaches its companion through a [`DelayProxy`] (zero delay until set).
     pub via_delay_proxy: bool,
-    /// The test-only route [`COMPANION_ROUTE`] on every Envoy.
-    pub companion_route: bool,
-    /// Redis `cluster-node-timeout` (failover takes about twice this).
-    pub redis_node_timeout_ms: u64,
-    pub envoy_hook: Option<EnvoyHook>,
 }
 
 impl TopologyOptions {
     pub fn new(plugin_config: &str) -> TopologyOptions {
         TopologyOptions {
             plugin_config: plugin_config.to_owned(),
-            plugin_config_az: [None, None, None],
-            companion_args: Vec::new(),
             via_delay_proxy: true,
-            companion_route: true,
-            redis_node_timeout_ms: 1000,
-            envoy_hook: None,
         }
-    }
-
-    pub fn plugin_config_for(mut self, az: Az, config: &str) -> Self {
-        self.plugin_config_az[az.index()] = Some(config.to_owned());
-        self
-    }
-
-    pub fn companion_args(mut self, args: &[&str]) -> Self {
-        self.companion_args
-            .extend(args.iter().map(|a| a.to_string()));
-        self
     }
 
     /// Envoy talks to its companion directly (no delaying proxy in between).
     pub fn direct_companion(mut self) -> Self {
         self.via_delay_proxy = false;
-        self
-    }
-
-    pub fn without_companion_route(mut self) -> Self {
-        self.companion_route = false;
-        self
-    }
-
-    pub fn redis_node_timeout_ms(mut self, ms: u64) -> Self {
-        self.redis_node_timeout_ms = ms;
-        self
-    }
-
-    pub fn envoy_hook(
-        mut self,
-        f: impl Fn(Az, EnvoyOptions) -> EnvoyOptions + Send + Sync + 'static,
-    ) -> Self {
-        self.envoy_hook = Some(Arc::new(f));
         self
     }
 }
@@ -277,12 +234,12 @@ impl Topology {
                     (upstream, envoy, t_net.elapsed())
                 })
             });
-            let redis = start_redis(&opts, &redis_password, &base);
+            let redis = start_redis(&redis_password, &base);
             let redis_cluster = t_net.elapsed();
             let t_companions = Instant::now();
             let companions = Az::ALL
                 .map(|az| {
-                    let spec = companion_spec(az, &opts, &token, &redis, &redis_password, &base);
+                    let spec = companion_spec(az, &token, &redis, &redis_password, &base);
                     base.register_log(&spec.name, &spec.dir.join("companion.log"));
                     s.spawn(move || Companion::start(spec))
                 })
@@ -477,7 +434,7 @@ fn start_envoy(az: Az, opts: &TopologyOptions, token: &str, base: &Base) -> (Ups
     (upstream, envoy)
 }
 
-fn start_redis(opts: &TopologyOptions, password: &str, base: &Base) -> RedisCluster {
+fn start_redis(password: &str, base: &Base) -> RedisCluster {
     let specs = redis_specs();
     for spec in &specs {
         let log = base
@@ -488,7 +445,7 @@ fn start_redis(opts: &TopologyOptions, password: &str, base: &Base) -> RedisClus
     }
     let cluster = ClusterOptions {
         password: password.to_owned(),
-        node_timeout_ms: opts.redis_node_timeout_ms,
+        node_timeout_ms: REDIS_NODE_TIMEOUT_MS,
     };
     RedisCluster::start(specs, cluster, &base.dir)
         .unwrap_or_else(|e| panic!("Redis Cluster did not form: {e}"))
@@ -511,17 +468,14 @@ fn envoy_options(
     token: &str,
     base: &Base,
 ) -> EnvoyOptions {
-    let config = opts.plugin_config_az[az.index()]
-        .as_deref()
-        .unwrap_or(&opts.plugin_config);
+    let config = &opts.plugin_config;
     let service_port = if opts.via_delay_proxy {
         COMPANION_PROXY_PORT
     } else {
         COMPANION_PORT
     };
     let token = token.to_owned();
-    let companion_route = opts.companion_route;
-    let eo = EnvoyOptions::new(config)
+    EnvoyOptions::new(config)
         .concurrency(2)
         .upstream(upstream)
         .listen(az.client_ip(), ENVOY_PORT, ENVOY_ADMIN_PORT)
@@ -545,22 +499,14 @@ fn envoy_options(
                         json!({"key_values": {TOKEN_ENV: token}});
                 }
             }
-            if companion_route {
-                let route = json!({
-                    "match": {"prefix": COMPANION_ROUTE},
-                    "route": {"cluster": SERVICE_CLUSTER, "prefix_rewrite": "/", "timeout": "10s"},
-                });
-                if let Some(routes) =
-                    hcm["route_config"]["virtual_hosts"][0]["routes"].as_array_mut()
-                {
-                    routes.insert(0, route);
-                }
+            let route = json!({
+                "match": {"prefix": COMPANION_ROUTE},
+                "route": {"cluster": SERVICE_CLUSTER, "prefix_rewrite": "/", "timeout": "10s"},
+            });
+            if let Some(routes) = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array_mut() {
+                routes.insert(0, route);
             }
-        });
-    match &opts.envoy_hook {
-        Some(f) => f(az, eo),
-        None => eo,
-    }
+        })
 }
 
 /// Masters 0..3 in az-a, az-b, az-c; then one replica per AZ, of the previous AZ's master.
@@ -589,7 +535,6 @@ fn redis_specs() -> Vec<NodeSpec> {
 
 fn companion_spec(
     az: Az,
-    opts: &TopologyOptions,
     token: &str,
     redis: &RedisCluster,
     redis_password: &str,
@@ -603,7 +548,6 @@ fn companion_spec(
         token: token.to_owned(),
         redis_seeds: redis.seeds(),
         redis_password: redis_password.to_owned(),
-        extra_args: opts.companion_args.clone(),
         dir: base.dir.join(format!("companion-{}", az.name())),
     }
 }

@@ -420,6 +420,21 @@ fn a_bad_config_is_refused_with_one_line_naming_the_field() {
             r#"{"rules":[{"id":"a","match":{"path":"/x","methods":["POST","post"]},"limits":[{"window":"1m","max":1}]}]}"#,
             r#"configuration refused: rules[0].match.methods[1]: duplicate method "post""#,
         ),
+        // Found by fuzzing (fuzz/corpus/config/): a record written as an array was read
+        // by position ([[]] started with no rules), a window ending in a two-byte
+        // character panicked the VM, and a line break in a field name split the log line.
+        (
+            "[[]]",
+            "configuration refused: configuration: invalid type: sequence, expected a JSON object",
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/x"},"limits":[{"window":"\u0157","max":1}]}]}"#,
+            "configuration refused: rules[0].limits[0].window: \"\u{157}\" is not a window",
+        ),
+        (
+            r#"{"rules":[],"x\n[error] forged":1}"#,
+            r#"configuration refused: x\n[error] forged: unknown field `x\n[error] forged`"#,
+        ),
         // The table size is bounded by its start-up cost.
         (
             r#"{"rules":[],"max_clients":16777216}"#,

@@ -30,7 +30,7 @@ pub enum FailMode {
 #[command(name = "meshlimit-service", version, about)]
 pub struct Config {
     /// Address to listen on.
-    #[arg(long, env = "ML_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(long, env = "ML_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
 
     /// Rules file (`{"rules": [...]}`, the filter's plugin configuration shape) for

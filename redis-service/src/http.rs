@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use meshlimit_core::protocol::{CheckRequest, ErrorBody, SyncRequest, MAX_BODY_BYTES};
-use serde::de::{DeserializeOwned, IgnoredAny};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -249,40 +249,16 @@ fn require_json_content_type(h: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// One JSON object and nothing after it (whitespace aside). Checked without building
-/// anything (`IgnoredAny`).
+/// One JSON object and nothing after it (whitespace aside); see
+/// [`meshlimit_core::json::check_one_object`].
 fn check_one_object(bytes: &[u8]) -> Result<(), ApiError> {
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        return Err(ApiError::new(
-            400,
-            "bad_request",
-            "body: must be one JSON object",
-        ));
-    }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    IgnoredAny::deserialize(&mut de)
-        .and_then(|_| de.end())
-        .map_err(|e| ApiError::new(400, "bad_request", format!("body: {e}")))
+    meshlimit_core::json::check_one_object(bytes).map_err(|d| ApiError::new(400, "bad_request", d))
 }
 
 /// Parses one JSON document into `T`, naming the offending field; trailing bytes are an
-/// error (serde_json's streaming deserializer stops at the end of the first value).
+/// error. See [`meshlimit_core::json::parse`].
 pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let v: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let detail = if path == "." {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
-        };
-        ApiError::new(400, "bad_request", detail)
-    })?;
-    de.end()
-        .map_err(|e| ApiError::new(400, "bad_request", format!("body: {e}")))?;
-    Ok(v)
+    meshlimit_core::json::parse(bytes).map_err(|d| ApiError::new(400, "bad_request", d))
 }
 
 async fn check(

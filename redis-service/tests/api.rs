@@ -127,6 +127,28 @@ async fn rules_are_replaced_whole_or_not_at_all() {
         .as_str()
         .unwrap()
         .contains("rules[1].limits[0].window"));
+    // Found by fuzzing: a window whose last character takes two bytes panicked the
+    // parser (the request died without an answer), and a rule given as an array was read
+    // by position. Both are a 400 naming the field, and change nothing.
+    for (body, field) in [
+        (
+            r#"{"rules":[{"id":"fresh","match":{"path":"/x"},"limits":[{"window":"ŗ","max":1}]}]}"#,
+            "rules[0].limits[0].window",
+        ),
+        (
+            r#"{"rules":[["fresh",0,{"path":"/x"},null,[{"window":"1m","max":1}]]]}"#,
+            "rules[0]",
+        ),
+    ] {
+        let r = c
+            .put_raw("/rate-limits/rules", body.as_bytes().to_vec())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"], "invalid_rules");
+        let detail = r.json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.starts_with(&format!("{field}: ")), "{detail}");
+    }
     assert_eq!(check(c, &id, "api", 1).await["allowed"], true);
     let r = c
         .post_json(

@@ -1,5 +1,7 @@
 //! The scenarios the tests assert and the binary prints.
 
+use std::fmt::Write as _;
+
 use meshlimit_core::config::Limit;
 use meshlimit_core::gcra::SHARE_ONE;
 
@@ -260,7 +262,8 @@ pub fn with_timing(mut s: Scenario, interval_ns: u64, one_way_ns: u64) -> Scenar
         b.interval = interval_ns as f64 / 1e9;
         b.rtt = 2.0 * one_way_ns as f64 / 1e9;
     }
-    s.name += &format!(
+    let _ = write!(
+        s.name,
         ", I={}ms, RTT={}ms",
         interval_ns / 1_000_000,
         2 * one_way_ns / 1_000_000

@@ -59,8 +59,9 @@ fn the_readme_example_means_what_readme_says() {
     // parser.
     let readme = include_str!("../../../README.md");
     let start = readme.find("```json\n").expect("a JSON example in README") + 8;
-    let end = start + readme[start..].find("```").unwrap();
-    let c = parse(&readme.as_bytes()[start..end]).unwrap_or_else(|e| panic!("README: {e}"));
+    let block = &readme.as_bytes()[start..];
+    let end = block.windows(3).position(|w| w == b"```").unwrap();
+    let c = parse(&block[..end]).unwrap_or_else(|e| panic!("README: {e}"));
     let ids: Vec<&str> = c.rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["login_key", "login_ip", "api_default"]);
     let (key, ip) = (&c.rules[0], &c.rules[1]);
@@ -802,4 +803,132 @@ fn the_companion_reads_rules_of_any_scope_without_a_service() {
     let rules = parse_rules(one_rule(r#","scope":"global""#).as_bytes()).unwrap();
     assert_eq!(rules[0].scope, Scope::Global);
     assert!(parse(one_rule(r#","scope":"global""#).as_bytes()).is_err());
+}
+
+/// Found by fuzzing (`fuzz/corpus/config/crash-d2d9cc75…`, minimized here): serde quotes
+/// an unknown field or variant as written, and map keys end up in the field path, so a
+/// configuration could put a line break (or an escape sequence) into the one log line a
+/// refusal is. Control characters are escaped instead.
+#[test]
+fn refusals_are_one_line_whatever_the_configuration_holds() {
+    for (json, path) in [
+        (r#"{"\n":0}"#, "\\n"),
+        (
+            r#"{"rules":[],"x\r\nconfigured 0 rules":1}"#,
+            "x\\r\\nconfigured 0 rules",
+        ),
+        (r#"{"rules":[],"headers":"ietf\n"}"#, "headers"),
+        (r#"{"rules":[],"\u001b[2J":1}"#, "\\u{1b}[2J"),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/","headers":{"x\ny":"v"}},"limits":[{"window":"1m","max":1}]}]}"#,
+            "rules[0].match.headers.x\\ny",
+        ),
+        (r#"{"rules":[],"\u0085":1}"#, "\\u{85}"),
+    ] {
+        let e = parse(json.as_bytes()).unwrap_err();
+        let line = e.to_string();
+        assert!(!line.chars().any(char::is_control), "{json}: {line:?}");
+        assert_eq!(e.path, path, "{json}: {line}");
+    }
+    // The first input the fuzzer found, as it found it.
+    let found = b"{\"\\n\"\n  \"rules\": [\n    {\"id\": \"login_key\"}]}";
+    let line = parse(found).unwrap_err().to_string();
+    assert!(line.starts_with("\\n: unknown field `\\n`"), "{line}");
+}
+
+/// Found by fuzzing (`fuzz/corpus/config/crash-1376774b…`, the 4 bytes `[[]]`): serde's
+/// derive reads a struct from an array by position, so `[[]]` started the filter with no
+/// rules (limits silently off) and `PUT /rate-limits/rules` took it too. Records are read
+/// from objects only, and the choices (`headers`, `scope`) from strings only.
+#[test]
+fn records_come_from_objects_and_choices_from_strings() {
+    let rule = r#"{"id":"a","match":{"path":"/"},"limits":[{"window":"1m","max":1}]}"#;
+    for (json, path) in [
+        ("[[]]".to_string(), ""),
+        (format!("[[{rule}]]"), ""),
+        (
+            r#"{"rules":[["a",0,{"path":"/"},null,[{"window":"1m","max":1}]]]}"#.into(),
+            "rules[0]",
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":["/"],"limits":[{"window":"1m","max":1}]}]}"#.into(),
+            "rules[0].match",
+        ),
+        (
+            r#"{"rules":[{"id":"a","match":{"path":"/"},"limits":[["1m",1]]}]}"#.into(),
+            "rules[0].limits[0]",
+        ),
+        (r#"{"rules":[],"headers":{"ietf":null}}"#.into(), "headers"),
+        (r#"{"rules":[],"headers":["ietf"]}"#.into(), "headers"),
+        (
+            format!(
+                r#"{{"rules":[{}]}}"#,
+                rule.replace(r#""id":"a""#, r#""id":"a","scope":{"local":null}"#)
+            ),
+            "rules[0].scope",
+        ),
+        (
+            format!(
+                r#"{{"rules":[{}]}}"#,
+                rule.replace(r#""id":"a""#, r#""id":"a","failure_mode":{"open":null}"#)
+            ),
+            "rules[0].failure_mode",
+        ),
+        (
+            r#"{"rules":[],"failure_mode":{"closed":null}}"#.into(),
+            "failure_mode",
+        ),
+        (
+            r#"{"rules":[],"service":["meshlimit_service",null,"t"]}"#.into(),
+            "service",
+        ),
+    ] {
+        let e = parse(json.as_bytes()).unwrap_err();
+        assert_eq!(e.path, path, "{json}: {e}");
+        let expected = if path.ends_with("headers")
+            || path.ends_with("scope")
+            || path.ends_with("failure_mode")
+        {
+            "expected a string"
+        } else {
+            "expected a JSON object"
+        };
+        assert!(e.reason.contains(expected), "{json}: {e}");
+    }
+    // The same configuration in objects and strings is fine.
+    let c = parse(format!(r#"{{"rules":[{rule}],"headers":"ietf"}}"#).as_bytes()).unwrap();
+    assert_eq!((c.rules.len(), c.headers), (1, HeaderMode::Ietf));
+    assert_eq!(parse_rules(b"[[]]").unwrap_err().path, "");
+}
+
+/// Found by fuzzing (`fuzz/corpus/config/crash-35b4de96…`, `"window": "ŗ"`): the window
+/// was split one byte before its end, inside a two-byte character, and the parser
+/// panicked, which takes the filter's VM down in `on_configure` (and the companion's
+/// `PUT /rate-limits/rules` handler with it). Every window that is not `<digits><unit>`
+/// is refused with the field named.
+#[test]
+fn windows_with_multi_byte_characters_are_refused_not_a_panic() {
+    for w in [
+        "\u{157}",
+        "1\u{157}",
+        "\u{e9}m",
+        "1m\u{e9}",
+        "\u{1f600}",
+        "\u{661}s",
+        "\u{ff11}m",
+    ] {
+        assert!(parse_window(w).is_err(), "{w:?}");
+        let json = one_rule("").replace("\"1m\"", &serde_json::to_string(w).unwrap());
+        let e = parse(json.as_bytes()).unwrap_err();
+        assert_eq!(e.path, "rules[0].limits[0].window", "{w:?}: {e}");
+    }
+    let found = include_bytes!(
+        "../../../fuzz/corpus/config/crash-35b4de96ba61fef2d0f8168a6d85244bb99cc991"
+    );
+    assert_eq!(parse(found).unwrap_err().path, "rules[0].limits[1].window");
+    // What a window is did not change.
+    assert_eq!(parse_window("90s"), Ok(90));
+    assert_eq!(parse_window("366d"), Ok(366 * 86_400));
+    assert!(parse_window("18446744073709551615s").is_err());
+    assert!(parse_window("99999999999d").is_err());
 }

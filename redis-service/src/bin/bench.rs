@@ -1,7 +1,7 @@
 //! Load command for a running meshlimit-service (see `redis-service/bench.sh`, which starts
 //! the stores and the service and runs this against each).
 //!
-//! meshlimit-bench --url http://127.0.0.1:8081 --token T --mode check|sync|mixed
+//! meshlimit-bench --url http://127.0.0.1:8080 --token T --mode check|sync|mixed
 //!                 [--seconds 10] [--concurrency 8] [--clients 10000] [--batch 1000]
 //!                 [--rule bench] [--report-rate 1]
 //!
@@ -31,7 +31,7 @@ struct Args {
 
 fn parse() -> Args {
     let mut a = Args {
-        url: "http://127.0.0.1:8081".into(),
+        url: "http://127.0.0.1:8080".into(),
         token: std::env::var("ML_TOKEN").ok(),
         mode: "check".into(),
         seconds: 10,

@@ -1,7 +1,10 @@
 //! Real parts for the integration tests: `redis-server` processes (one node, or a 3+3
 //! cluster) on free loopback ports in temp dirs, and the service binary itself, spoken
 //! to over HTTP. Every process is killed on Drop.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses only part of the shared support code"
+)]
 
 use meshlimit_service::client::Client;
 use serde_json::json;
