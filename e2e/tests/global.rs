@@ -219,4 +219,359 @@ mod scripted {
         );
         assert!(envoy.stat("meshlimit_sync_ok_total").unwrap_or(0) >= 6);
     }
+
+    /// Two Envoys on one peer, a node id and zone each; started at once.
+    fn two_envoys(cfg: &str, peer: &Peer, upstream: &Upstream) -> Vec<Envoy> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = [("envoy-a", "az-a"), ("envoy-b", "az-b")]
+                .into_iter()
+                .map(|(id, zone)| {
+                    let o = EnvoyOptions::new(cfg)
+                        .cluster(CLUSTER, peer.port)
+                        .node(id, zone)
+                        .vm_env(TOKEN_ENV, "test-token")
+                        .upstream(upstream);
+                    s.spawn(move || Envoy::start_with(o))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Syncs the filter counted (answered or failed), over all its VMs.
+    fn syncs(e: &Envoy) -> u64 {
+        e.stat("meshlimit_sync_ok_total").unwrap_or(0)
+            + e.stat("meshlimit_sync_failed_total").unwrap_or(0)
+    }
+
+    /// Waits until every Envoy was told that both proxies are live.
+    fn wait_for_both_live(envoys: &[Envoy]) {
+        wait_for("both proxies live", Duration::from_secs(10), || {
+            envoys
+                .iter()
+                .all(|e| e.stat("meshlimit_live_proxies") == Some(2))
+        });
+    }
+
+    fn global_config(interval_ms: u64, rule: &str) -> String {
+        format!(
+            r#"{{"service":{{"cluster":"{CLUSTER}","token_env":"{TOKEN_ENV}","sync_interval_ms":{interval_ms},"timeout_ms":200}},"rules":[{rule}]}}"#
+        )
+    }
+
+    /// One client far over its limit on two Envoys, for 12 windows: admitted within
+    /// ±3 % of what one exact bucket admits on the merged traffic (saturated throughout:
+    /// its burst plus its rate times the run), and at most one sync per proxy per
+    /// interval (callouts per admitted request ≤ 0.01).
+    #[test]
+    fn two_envoys_hold_one_limit_within_3_percent_with_few_callouts() {
+        let peer = Peer::start(
+            SyncBehaviour::Allocate { lease_ms: 600_000 },
+            StrictBehaviour::Allow,
+        );
+        let upstream = Upstream::start();
+        let rule = r#"{"id":"g","match":{"path":"/g"},"key":["header:x-api-key"],"limits":[{"window":"1s","max":300}]}"#;
+        let envoys = two_envoys(&global_config(1000, rule), &peer, &upstream);
+        wait_for_both_live(&envoys);
+        let before: u64 = envoys.iter().map(syncs).sum();
+        let loads: Vec<meshlimit_e2e::Load> = (envoys.iter().enumerate())
+            .map(|(i, e)| {
+                meshlimit_e2e::Load::new(&format!("envoy-{i}"), e.addr(), |_| {
+                    Request::get("/g").header("x-api-key", "one-client")
+                })
+                .rate(300.0)
+                .connections(4)
+            })
+            .collect();
+        let reports = meshlimit_e2e::load::run(loads, Duration::from_secs(12));
+        // Counters reach Envoy on the next tick.
+        std::thread::sleep(Duration::from_millis(1500));
+        let callouts = envoys.iter().map(syncs).sum::<u64>() - before;
+        for r in &reports {
+            println!("{}", r.summary());
+            assert_eq!(r.other_total() + r.errors, 0, "no 5xx: {}", r.summary());
+            assert!(r.sent as f64 >= 0.8 * 300.0 * 12.0, "{}", r.summary());
+        }
+        let admitted: u64 = reports.iter().map(|r| r.ok).sum();
+        let elapsed = (reports.iter().map(|r| r.elapsed).max().unwrap()).as_secs_f64();
+        let ideal = 300.0 + 300.0 * elapsed;
+        let accuracy = admitted as f64 / ideal;
+        let per_request = callouts as f64 / admitted as f64;
+        println!(
+            "accuracy: admitted {admitted} / ideal {ideal:.0} over {elapsed:.2} s = {accuracy:.4}; \
+             {callouts} syncs (13.5 s) = {per_request:.4} callouts per admitted request"
+        );
+        assert!(
+            (0.97..=1.03).contains(&accuracy),
+            "accuracy {accuracy:.4} outside ±3 %"
+        );
+        assert!(
+            per_request <= 0.01,
+            "{per_request:.4} callouts per admitted request"
+        );
+        assert!(
+            callouts >= 2 * 12,
+            "one sync per proxy per interval: {callouts}"
+        );
+    }
+
+    /// 10 000 active clients, 10 of them over their limit: after a warm-up in which
+    /// every client reached its proxy once, reports carry tens of entries (the hot keys
+    /// and the few quiet ones that changed), not thousands.
+    #[test]
+    fn ten_thousand_clients_of_which_ten_hot_give_reports_of_tens_of_entries() {
+        let peer = Peer::start(
+            SyncBehaviour::Allocate { lease_ms: 600_000 },
+            StrictBehaviour::Allow,
+        );
+        let upstream = Upstream::start();
+        let rule = r#"{"id":"g","match":{"path":"/g"},"key":["header:x-api-key"],"limits":[{"window":"1s","max":50}]}"#;
+        let envoys = two_envoys(&global_config(1000, rule), &peer, &upstream);
+        wait_for_both_live(&envoys);
+        // Each quiet client comes through one Envoy (5 000 each), the hot ones through
+        // both.
+        const QUIET: u64 = 5_000;
+        let warm: Vec<meshlimit_e2e::Load> = (envoys.iter().enumerate())
+            .map(|(e, envoy)| {
+                let base = e as u64 * QUIET;
+                meshlimit_e2e::Load::new(&format!("warm-{e}"), envoy.addr(), move |i| {
+                    let q = base + i % QUIET;
+                    Request::get("/g").header("x-api-key", &format!("quiet-{q}"))
+                })
+                .rate(1000.0)
+                .connections(4)
+            })
+            .collect();
+        for r in meshlimit_e2e::load::run(warm, Duration::from_secs(5)) {
+            println!("{}", r.summary());
+            assert!(r.sent >= QUIET, "every quiet client once: {}", r.summary());
+            assert_eq!(r.limited + r.other_total() + r.errors, 0, "{}", r.summary());
+        }
+        // Reports of the warm-up's new keys settle within two intervals.
+        std::thread::sleep(Duration::from_millis(2500));
+        let from = peer.reports().len();
+        // 300 hot requests a second per Envoy (10 hot clients at 60/s over both: 1.2×
+        // their limit), 200 quiet ones (each quiet client about once more).
+        let steady: Vec<meshlimit_e2e::Load> = (envoys.iter().enumerate())
+            .map(|(e, envoy)| {
+                let base = e as u64 * QUIET;
+                meshlimit_e2e::Load::new(&format!("steady-{e}"), envoy.addr(), move |i| {
+                    // Three hot requests of every five, the 10 hot clients in turn.
+                    let key = if i % 5 < 3 {
+                        format!("hot-{}", (i / 5 * 3 + i % 5) % 10)
+                    } else {
+                        format!("quiet-{}", base + (i * 7) % QUIET)
+                    };
+                    Request::get("/g").header("x-api-key", &key)
+                })
+                .rate(500.0)
+                .connections(4)
+            })
+            .collect();
+        let reports = meshlimit_e2e::load::run(steady, Duration::from_secs(8));
+        for r in &reports {
+            println!("{}", r.summary());
+            assert_eq!(r.other_total() + r.errors, 0, "{}", r.summary());
+        }
+        let limited: u64 = reports.iter().map(|r| r.limited).sum();
+        assert!(limited > 0, "the hot clients were limited");
+        // What the hot clients got (every quiet request is far under its limit): one
+        // exact bucket per hot client admits its burst and its rate over the run.
+        let admitted: u64 = reports.iter().map(|r| r.ok).sum();
+        let quiet_sent: u64 = reports.iter().map(|r| r.sent * 2 / 5).sum();
+        let elapsed = (reports.iter().map(|r| r.elapsed).max().unwrap()).as_secs_f64();
+        let ideal = 10.0 * (50.0 + 50.0 * elapsed);
+        let hot_accuracy = admitted.saturating_sub(quiet_sent) as f64 / ideal;
+        println!(
+            "hot clients: admitted {} / ideal {ideal:.0} = {hot_accuracy:.4}",
+            admitted - quiet_sent
+        );
+        assert!(
+            (0.9..=1.03).contains(&hot_accuracy),
+            "hot clients' accuracy {hot_accuracy:.4}"
+        );
+        let during = &peer.reports()[from..];
+        let sizes: Vec<usize> = (during.iter())
+            .filter(|r| !r.entries.is_empty())
+            .map(|r| r.entries.len())
+            .collect();
+        let mean = sizes.iter().sum::<usize>() as f64 / sizes.len().max(1) as f64;
+        let max = sizes.iter().copied().max().unwrap_or(0);
+        let hot_reported = (during.iter())
+            .flat_map(|r| &r.entries)
+            .filter(|e| e.rejected > 0)
+            .count();
+        println!(
+            "10 000 active clients, 10 hot, 2 proxies: {} reports, entries per report mean {mean:.1}, max {max}; {hot_reported} entries with rejections",
+            sizes.len()
+        );
+        assert!(sizes.len() >= 10, "{} reports", sizes.len());
+        assert!(mean >= 5.0, "the hot keys are reported: {mean:.1}");
+        assert!(mean <= 100.0 && max < 1000, "mean {mean:.1}, max {max}");
+        for e in &envoys {
+            assert_eq!(e.stat("meshlimit_report_dropped_total"), Some(0));
+        }
+    }
+
+    /// Every way an answer can go wrong: requests are not failed or delayed, nothing
+    /// panics, the sync counts as failed, and the filter recovers by itself.
+    #[test]
+    fn bad_answers_fail_the_sync_not_the_requests_and_the_filter_recovers() {
+        let peer = Peer::start(grant(HALF), StrictBehaviour::Allow);
+        let upstream = Upstream::start();
+        let rule = r#"{"id":"g","match":{"path":"/g"},"key":["header:x-api-key"],"limits":[{"window":"1m","max":100000}]}"#;
+        let envoy =
+            Envoy::start_with(options(&global_config(250, rule), peer.port).upstream(&upstream));
+        wait_for("a first answer", Duration::from_secs(5), || {
+            envoy.stat("meshlimit_sync_ok_total").unwrap_or(0) > 0
+        });
+        let slow = SyncBehaviour::Slow(Duration::from_millis(800), Box::new(grant(HALF)));
+        for bad in [
+            SyncBehaviour::Garbage,
+            SyncBehaviour::Oversized,
+            SyncBehaviour::WrongCount,
+            SyncBehaviour::Status(500),
+            SyncBehaviour::Status(401),
+            slow,
+        ] {
+            peer.set_sync(bad.clone());
+            let failed = envoy.stat("meshlimit_sync_failed_total").unwrap_or(0);
+            let mut c = envoy.client();
+            let t = Instant::now();
+            let mut worst = Duration::ZERO;
+            let mut n = 0;
+            // Two seconds of requests (8 intervals) while the answers are bad.
+            while t.elapsed() < Duration::from_secs(2) {
+                let started = Instant::now();
+                let r = c.send(&Request::get("/g").header("x-api-key", &format!("k{}", n % 50)));
+                worst = worst.max(started.elapsed());
+                assert_eq!(r.status, 200, "{bad:?}: {}", r.body_str());
+                n += 1;
+            }
+            println!("{bad:?}: {n} requests, slowest {worst:?}");
+            assert!(
+                worst < Duration::from_millis(100),
+                "{bad:?}: a request waited {worst:?}"
+            );
+            wait_for(
+                &format!("{bad:?} counted as failed"),
+                Duration::from_secs(3),
+                || envoy.stat("meshlimit_sync_failed_total").unwrap_or(0) >= failed + 2,
+            );
+            // Back to valid answers: syncs succeed again within three intervals (+ a tick
+            // for the counters).
+            peer.set_sync(grant(HALF));
+            let ok = envoy.stat("meshlimit_sync_ok_total").unwrap_or(0);
+            wait_for(
+                &format!("recovery after {bad:?}"),
+                Duration::from_millis(2000),
+                || envoy.stat("meshlimit_sync_ok_total").unwrap_or(0) > ok,
+            );
+        }
+        assert!(!envoy.log().contains("panicked"), "{}", envoy.log());
+        // The keys of the failed reports were reported again once answers were valid.
+        let last = peer
+            .reports()
+            .into_iter()
+            .rev()
+            .find(|r| !r.entries.is_empty());
+        assert!(last.is_some(), "keys reported after the failures");
+    }
+
+    /// The companion goes away (its port refuses) and comes back: while it is gone,
+    /// each failure mode does what it says once the grants lapse (three intervals), no
+    /// request gets a 5xx, and within three intervals of its return the proxy syncs
+    /// and decides by grants again.
+    #[test]
+    fn companion_gone_each_failure_mode_then_recovery() {
+        let peer = Peer::start(grant(HALF), StrictBehaviour::Allow);
+        let port = peer.port;
+        let upstream = Upstream::start();
+        let rule = |id: &str, mode: &str| {
+            format!(
+                r#"{{"id":"{id}","match":{{"path":"/{id}"}},"key":["header:x-api-key"],"limits":[{{"window":"1m","max":10}}],"failure_mode":"{mode}"}}"#
+            )
+        };
+        let rules = [rule("l", "local"), rule("o", "open"), rule("c", "closed")].join(",");
+        let cfg = format!(
+            r#"{{"service":{{"cluster":"{CLUSTER}","token_env":"{TOKEN_ENV}","sync_interval_ms":300,"timeout_ms":100,"fallback_share":0.2}},"rules":[{rules}]}}"#
+        );
+        let envoy = Envoy::start_with(options(&cfg, port).upstream(&upstream));
+        wait_for("a first answer", Duration::from_secs(5), || {
+            envoy.stat("meshlimit_sync_ok_total").unwrap_or(0) > 0
+        });
+        let mut c = envoy.client();
+        let send = |c: &mut meshlimit_e2e::Client, path: &str, key: &str| {
+            let t = Instant::now();
+            let r = c.send(&Request::get(path).header("x-api-key", key));
+            assert!(
+                t.elapsed() < Duration::from_millis(100),
+                "{path} waited {:?}",
+                t.elapsed()
+            );
+            assert!(
+                r.status == 200 || r.status == 429,
+                "{path}: {} {}",
+                r.status,
+                r.body_str()
+            );
+            r
+        };
+        // Reachable: every rule admits.
+        for p in ["/l", "/o", "/c"] {
+            assert_eq!(send(&mut c, p, "before").status, 200, "{p}");
+        }
+        drop(peer);
+        let gone = Instant::now();
+        // Three intervals after the last good sync the grants are no longer valid.
+        std::thread::sleep(Duration::from_millis(3 * 300 + 600));
+        // open: admitted without a bucket, far past the limit.
+        let open = (0..30)
+            .filter(|_| send(&mut c, "/o", "k").status == 200)
+            .count();
+        assert_eq!(open, 30, "open admits everything");
+        // closed: refused, saying the limiter is unavailable.
+        let r = send(&mut c, "/c", "k");
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["error"], "limiter_unavailable", "{}", r.body_str());
+        assert_eq!(r.header("retry-after"), Some("1"));
+        // local: this proxy's bucket at the fallback share 0.2 of 10 a minute; capacity
+        // the burst floor 1/2 of 10 (the last known two proxies): 5 at once.
+        let local = (0..20)
+            .filter(|_| send(&mut c, "/l", "fresh").status == 200)
+            .count();
+        assert_eq!(local, 5, "local runs the fallback bucket");
+        std::thread::sleep(Duration::from_millis(1200));
+        assert!(envoy.stat("meshlimit_failure_mode_open_total").unwrap_or(0) >= 30);
+        assert!(
+            envoy
+                .stat("meshlimit_failure_mode_closed_total")
+                .unwrap_or(0)
+                >= 1
+        );
+        assert!(
+            envoy
+                .stat("meshlimit_failure_mode_local_total")
+                .unwrap_or(0)
+                >= 20
+        );
+        assert!(envoy.stat("meshlimit_fallback_seconds_total").unwrap_or(0) >= 1);
+        println!("companion gone for {:?}", gone.elapsed());
+        // Back on the same port: within three intervals the proxy syncs, and `closed`
+        // admits again.
+        let peer = Peer::start_on(port, grant(HALF), StrictBehaviour::Allow);
+        let back = Instant::now();
+        wait_for(
+            "a sync after the return",
+            Duration::from_millis(3 * 300 + 100),
+            || peer.syncs() > 0,
+        );
+        wait_for(
+            "closed admits again",
+            Duration::from_millis(3 * 300 + 300),
+            || send(&mut c, "/c", "after").status == 200,
+        );
+        println!("recovered {:?} after the return", back.elapsed());
+        assert!(!envoy.log().contains("panicked"));
+    }
 }

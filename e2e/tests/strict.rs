@@ -201,3 +201,56 @@ fn a_failed_check_follows_the_failure_mode() {
         );
     }
 }
+
+/// Concurrent bursts on two Envoys (`--concurrency 2` each) for one client of a strict
+/// rule: the companion decides each request atomically, so the admitted count is the
+/// limit exactly, not one more; and a second burst a window later again exactly.
+#[test]
+fn concurrent_bursts_on_two_envoys_never_exceed_the_limit() {
+    let peer = Peer::start(grant(), StrictBehaviour::Exact);
+    let upstream = Upstream::start();
+    // 20 a minute: a token comes back every 3 s, far longer than a burst takes.
+    let rule = r#"{"id":"pay","match":{"path":"/pay"},"key":["header:x-api-key"],"scope":"strict","limits":[{"window":"1m","max":20}]}"#;
+    let cfg = format!(
+        r#"{{"service":{{"cluster":"meshlimit_service","token_env":"{TOKEN_ENV}","sync_interval_ms":1000,"timeout_ms":500}},"rules":[{rule}]}}"#
+    );
+    let envoys: Vec<Envoy> = std::thread::scope(|s| {
+        let hs: Vec<_> = [("envoy-a", "az-a"), ("envoy-b", "az-b")]
+            .into_iter()
+            .map(|(id, zone)| {
+                let o = EnvoyOptions::new(&cfg)
+                    .cluster("meshlimit_service", peer.port)
+                    .node(id, zone)
+                    .vm_env(TOKEN_ENV, "test-token")
+                    .upstream(&upstream);
+                s.spawn(move || Envoy::start_with(o))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (round, key) in ["burst-1", "burst-2"].into_iter().enumerate() {
+        // 8 connections per Envoy, 10 requests each: 160 requests at once.
+        let statuses: Vec<u16> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16)
+                .map(|i| {
+                    let e = &envoys[i % 2];
+                    s.spawn(move || {
+                        let mut c = e.client();
+                        (0..10)
+                            .map(|_| c.send(&pay(key)).status)
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let ok = statuses.iter().filter(|&&s| s == 200).count();
+        let limited = statuses.iter().filter(|&&s| s == 429).count();
+        println!(
+            "strict burst {round}: 160 requests on 2 Envoys, {ok} admitted, {limited} refused"
+        );
+        assert_eq!(ok + limited, 160, "only 200 or 429: {statuses:?}");
+        assert_eq!(ok, 20, "exactly the limit");
+    }
+    assert_eq!(peer.stricts(), 320, "one callout per request");
+}
