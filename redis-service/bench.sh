@@ -7,7 +7,9 @@
 # Env: CHECK_CONC (default 4), SYNC_CONC (default 4), SYNC_BATCH (default 1000),
 #      MIXED_RATES (default "1 5 10": reports per second of MIXED_BATCH entries, default
 #      10 000, sent while checks run; one run per rate, against each Redis store),
-#      ONLY ("memory", "redis", "cluster": run that store only).
+#      ONLY ("memory", "redis", "cluster": run that store only),
+#      SERVICE_BIN (the service binary to measure, default the one this builds: set it to
+#      another build to compare two in one interleaved series of runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-10}"
@@ -19,7 +21,7 @@ MIXED_BATCH="${MIXED_BATCH:-10000}"
 ONLY="${ONLY:-}"
 scripts/install-redis.sh >/dev/null
 cargo build --release -p meshlimit-service --bins >/dev/null 2>&1 || cargo build --release -p meshlimit-service --bins
-BIN=target/release/meshlimit-service
+BIN="${SERVICE_BIN:-target/release/meshlimit-service}"
 BENCH=target/release/meshlimit-bench
 WORK="$(mktemp -d /tmp/meshlimit-bench.XXXXXX)"
 PIDS=()

@@ -27,14 +27,8 @@ SECS="${1:-60}"
 SANITIZER="${FUZZ_SANITIZER:-none}"
 FLAGS=(-O -a -s "$SANITIZER")
 
-# libFuzzer needs a nightly toolchain (sanitizer coverage flags). RUSTUP_AUTO_INSTALL=0 on
-# the project machines, so install it explicitly if it is missing.
-if ! rustup toolchain list | grep -q '^nightly-'; then
-  rustup toolchain install nightly --profile minimal
-fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-  cargo install cargo-fuzz --locked --version 0.13.2
-fi
+# libFuzzer needs a nightly toolchain (sanitizer coverage flags) and cargo-fuzz.
+scripts/install-cargo-fuzz.sh
 
 FUZZ_START=$SECONDS
 cargo +nightly fuzz build "${FLAGS[@]}"

@@ -25,6 +25,23 @@ rustup target add wasm32-wasip1 wasm32-unknown-unknown
 rustup component add clippy rustfmt
 cargo --version
 
+# The tools that later steps need and that build from source (the wasm test runner,
+# nightly + cargo-fuzz) install in the background while the gates and builds run: they
+# are mostly download and compile, and the steps before the tests leave a core idle at
+# times. Waited for (and their log shown on failure) before the first test runs.
+mkdir -p .run
+scripts/install-wasm-bindgen.sh >.run/install-wasm-bindgen.log 2>&1 &
+WASM_BINDGEN_PID=$!
+scripts/install-cargo-fuzz.sh >.run/install-cargo-fuzz.log 2>&1 &
+CARGO_FUZZ_PID=$!
+await_install() { # pid log
+  if ! wait "$1"; then
+    echo "installing failed, its log ($2):" >&2
+    cat "$2" >&2
+    exit 1
+  fi
+}
+
 # The gates first: they are the cheapest to fail. The lints the project holds itself to
 # are the [workspace.lints] table of Cargo.toml; -D warnings makes every warning, of
 # rustc and clippy, an error. The filter is also linted for the target it ships on, and
@@ -52,6 +69,10 @@ fi
 
 section "build: filter wasm (release, trimmed: target/meshlimit.wasm)"
 ls -l "$(scripts/build-filter.sh)"
+
+section "waiting for the background installs (wasm-bindgen, nightly + cargo-fuzz)"
+await_install "$WASM_BINDGEN_PID" .run/install-wasm-bindgen.log
+await_install "$CARGO_FUZZ_PID" .run/install-cargo-fuzz.log
 
 section "unit tests"
 cargo test --workspace --exclude meshlimit-e2e

@@ -125,6 +125,25 @@ pub fn check(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decisio
     }
 }
 
+/// [`check`], then, if the request was refused, charges `hits` to every limit anyway:
+/// the reconciliation of hits a fallback already admitted while the store could not
+/// count them. Each bucket takes the hits if it holds them and is otherwise emptied,
+/// never charged beyond empty, so a forced charge keeps a client out no longer than one
+/// empty bucket takes to refill. Returns what [`check`] decided (what the request would
+/// have been told), with `changed` set on a refusal too: the charge is to be written.
+pub fn force(limits: &[Limit], tats: &mut [u64], now: u64, hits: u64) -> Decision {
+    let mut d = check(limits, tats, now, hits);
+    if !d.allowed {
+        for (t, l) in tats.iter_mut().zip(limits) {
+            let horizon = now.saturating_add(l.depth_ns);
+            let cost = l.interval_ns.saturating_mul(hits);
+            *t = (*t).clamp(now, horizon).saturating_add(cost).min(horizon);
+        }
+        d.changed = true;
+    }
+    d
+}
+
 /// Nanoseconds until a bucket that holds `remaining` tokens and is full again in
 /// `reset_ns` gains its next token: the `t` of the IETF `RateLimit` field ("time until
 /// additional quota is made available"). Tokens come back one per interval, the last

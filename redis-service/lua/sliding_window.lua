@@ -1,6 +1,7 @@
 -- Sliding window counter, several windows of one (rule, client), all-or-nothing.
--- Mirrors store/memory.rs::sw_* exactly; timed by the Redis server clock (TIME) so that
--- proxies and service instances whose clocks disagree still share one window.
+-- Mirrors the sliding window of src/store/memory.rs (`WindowAt`) exactly; timed by the
+-- Redis server clock (TIME) so that proxies and service instances whose clocks disagree
+-- still share one window.
 --
 -- KEYS[i]  one hash per window: i = window index, c = its count, p = the previous
 --          window's count. TTL two windows: idle clients cost nothing afterwards.

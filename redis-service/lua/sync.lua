@@ -4,11 +4,12 @@
 -- share of the limit. The share steps mirror src/shares.rs::allocate (the reference,
 -- unit-tested there).
 --
--- One call carries up to 256 entries whose keys all live on the node it is sent to
--- (`allow-cross-slot-keys`, Redis >= 7.0; only the first key is declared, the others
--- travel in ARGV): a report of 1000 entries costs a few script calls per node instead
--- of 1000. Every key is read before any is written, so a key that is not on this node
--- (a slot just migrated) fails the call before it changed anything.
+-- One call carries several entries (32: `SYNC_CHUNK` in src/store/redis/scripts.rs)
+-- whose keys all live on the node it is sent to (`allow-cross-slot-keys`, Redis >= 7.0;
+-- only the first key is declared, the others travel in ARGV): a report of 1000 entries
+-- costs a few dozen script calls, in one pipeline per node, instead of 1000. Every key
+-- is read before any is written, so a key that is not on this node (a slot just
+-- migrated) fails the call before it changed anything.
 --
 -- Each key is one hash per (rule, key, window), read with one HGETALL and written with
 -- one HSET:

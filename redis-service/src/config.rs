@@ -170,7 +170,7 @@ pub struct Config {
     #[arg(long, env = "ML_MAX_REPORTS_IN_FLIGHT", default_value_t = 2)]
     pub max_reports_in_flight: usize,
 
-    /// Sync entries per script call (see `SYNC_CHUNK` in `src/store/redis.rs`); for
+    /// Sync entries per script call (see `SYNC_CHUNK` in `src/store/redis/scripts.rs`); for
     /// measuring the trade-off, not for tuning in production.
     #[arg(long, env = "ML_SYNC_ENTRIES_PER_CALL", default_value_t = crate::store::redis::SYNC_CHUNK, hide = true)]
     pub sync_entries_per_call: usize,

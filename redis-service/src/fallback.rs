@@ -14,16 +14,22 @@
 //! When the table is full, the entry charged least recently is dropped to make room
 //! (see [`PendingTable`]).
 
-use crate::config::{Algorithm, FailMode};
+use crate::config::{Algorithm, Config, FailMode};
+use crate::keys::KeyMaker;
 use crate::metrics::Metrics;
+use crate::service::Source;
 use crate::shares::ShareParams;
-use crate::store::memory::{now_us, MemoryStore};
+use crate::store::memory::{now_ns, unix_secs, MemoryStore, MAX_KEYS, SWEEP_EVERY};
 use crate::store::{CheckOp, CheckOutcome, Store, StoreLimit, SyncOp, SyncOutcome};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Pending entries written per store call when reconciling: a few round trips for a
+/// long outage's debts, none of them a call big enough to hold Redis up for long.
+const RECONCILE_BATCH: usize = 1000;
 
 /// What a degraded decision still has to add to the store.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -42,11 +48,18 @@ pub struct PendingKey {
 /// dropped).
 pub struct PendingTable {
     max: usize,
-    /// Owed hits and the stamp of the last charge.
-    owed: HashMap<Arc<PendingKey>, (u64, u64)>,
+    owed: HashMap<Arc<PendingKey>, Owed>,
     /// Last-charge stamp -> key, oldest first.
     by_age: BTreeMap<u64, Arc<PendingKey>>,
     next_stamp: u64,
+}
+
+/// What one key owes, and when it was last charged (a stamp of [`PendingTable`]'s, not
+/// a time: it only orders the charges).
+#[derive(Debug, Clone, Copy)]
+struct Owed {
+    hits: u64,
+    stamp: u64,
 }
 
 impl PendingTable {
@@ -74,10 +87,13 @@ impl PendingTable {
         }
         let stamp = self.next_stamp;
         self.next_stamp += 1;
-        if let Some((owed, last)) = self.owed.get_mut(&key) {
-            *owed = owed.saturating_add(hits);
-            let k = self.by_age.remove(last).expect("every entry has an age");
-            *last = stamp;
+        if let Some(owed) = self.owed.get_mut(&key) {
+            owed.hits = owed.hits.saturating_add(hits);
+            let k = self
+                .by_age
+                .remove(&owed.stamp)
+                .expect("every entry has an age");
+            owed.stamp = stamp;
             self.by_age.insert(stamp, k);
             return 0;
         }
@@ -89,7 +105,7 @@ impl PendingTable {
             }
         }
         let key = Arc::new(key);
-        self.owed.insert(key.clone(), (hits, stamp));
+        self.owed.insert(key.clone(), Owed { hits, stamp });
         self.by_age.insert(stamp, key);
         dropped
     }
@@ -101,20 +117,22 @@ impl PendingTable {
         by_age
             .into_values()
             .filter_map(|k| {
-                let (hits, _) = owed.remove(&k)?;
+                let Owed { hits, .. } = owed.remove(&k)?;
                 Some((Arc::try_unwrap(k).unwrap_or_else(|k| (*k).clone()), hits))
             })
             .collect()
     }
 
-    pub fn get(&self, key: &PendingKey) -> Option<u64> {
-        self.owed.get(key).map(|&(h, _)| h)
+    #[cfg(test)]
+    fn get(&self, key: &PendingKey) -> Option<u64> {
+        self.owed.get(key).map(|o| o.hits)
     }
 }
 
 pub struct Fallback {
-    pub mode: FailMode,
-    pub share: f64,
+    mode: FailMode,
+    /// Share of each limit this instance enforces alone (`--fallback-share`).
+    share: f64,
     local: MemoryStore,
     /// Read on every request; written only together with `log`.
     degraded: AtomicBool,
@@ -135,7 +153,17 @@ struct DegradedLog {
 }
 
 impl Fallback {
-    pub fn new(mode: FailMode, share: f64, local: MemoryStore, max_pending: usize) -> Self {
+    /// What `--on-store-error`, `--fallback-share` and `--max-pending` ask for.
+    pub fn from_config(cfg: &Config, keys: KeyMaker) -> Self {
+        Fallback::new(
+            cfg.on_store_error,
+            cfg.fallback_share,
+            MemoryStore::new(keys, MAX_KEYS),
+            cfg.max_pending,
+        )
+    }
+
+    fn new(mode: FailMode, share: f64, local: MemoryStore, max_pending: usize) -> Self {
         Fallback {
             mode,
             share,
@@ -144,6 +172,12 @@ impl Fallback {
             log: Mutex::new(DegradedLog::default()),
             pending: Mutex::new(PendingTable::new(max_pending)),
         }
+    }
+
+    /// Starts the upkeep of the local store (its sweep of expired keys); inside the
+    /// runtime.
+    pub fn start(&self) {
+        self.local.start_sweeping(SWEEP_EVERY);
     }
 
     pub fn is_degraded(&self) -> bool {
@@ -217,23 +251,18 @@ impl Fallback {
         }
     }
 
-    /// Decides one check without the store. Returns the outcome and the metrics source.
-    pub fn check(
-        &self,
-        algo: Algorithm,
-        op: &CheckOp,
-        m: &Metrics,
-    ) -> (CheckOutcome, &'static str) {
+    /// Decides one check without the store: the outcome, and who decided it.
+    pub fn check(&self, algo: Algorithm, op: &CheckOp, m: &Metrics) -> (CheckOutcome, Source) {
         let (out, src) = match self.mode {
             FailMode::Fallback => {
                 let scaled = CheckOp {
                     limits: op.limits.iter().map(|l| self.scale(l)).collect(),
                     ..op.clone()
                 };
-                match self.local.check_one(algo, &scaled, now_us()) {
-                    Ok(o) => (o, "fallback"),
+                match self.local.check_one(algo, &scaled, now_ns()) {
+                    Ok(o) => (o, Source::Fallback),
                     // Local table full: refuse rather than grow (bounded memory).
-                    Err(_) => (closed(op), "fail_closed"),
+                    Err(_) => (closed(), Source::FailClosed),
                 }
             }
             FailMode::Open => (
@@ -241,12 +270,12 @@ impl Fallback {
                     allowed: true,
                     tightest: 0,
                     remaining: 0,
-                    reset_at: (now_us() / 1e6) as u64 + op.limits[0].window_secs,
+                    reset_at: unix_secs(now_ns()) + op.limits[0].window_secs,
                     retry_after_ms: 0,
                 },
-                "fail_open",
+                Source::FailOpen,
             ),
-            FailMode::Closed => (closed(op), "fail_closed"),
+            FailMode::Closed => (closed(), Source::FailClosed),
         };
         if out.allowed {
             self.owe(
@@ -274,12 +303,13 @@ impl Fallback {
             max: scaled_max.max,
             ..op.clone()
         };
-        let mut out = match self.local.sync_one(proxy, &local_op, p, now_us()) {
+        let now = now_ns();
+        let mut out = match self.local.sync_one(proxy, &local_op, p, now) {
             Ok(o) => o,
             Err(_) => SyncOutcome {
                 used: 0,
                 remaining: 0,
-                reset_at: (now_us() / 1e6) as u64 + op.window_secs,
+                reset_at: unix_secs(now) + op.window_secs,
                 weight: 0.0,
             },
         };
@@ -319,7 +349,7 @@ impl Fallback {
         for algo in [Algorithm::SlidingWindow, Algorithm::TokenBucket] {
             let mine: Vec<&(PendingKey, u64)> =
                 items.iter().filter(|(k, _)| k.algo == algo).collect();
-            for chunk in mine.chunks(1000) {
+            for chunk in mine.chunks(RECONCILE_BATCH) {
                 let ops: Vec<CheckOp> = chunk
                     .iter()
                     .map(|(k, hits)| CheckOp {
@@ -355,18 +385,15 @@ impl Fallback {
             Err(format!("{n} of {total} pending entries not written"))
         }
     }
-
-    pub fn sweep(&self) {
-        self.local.sweep();
-    }
 }
 
-fn closed(_op: &CheckOp) -> CheckOutcome {
+/// A refusal whose retry time cannot be foreseen (the store's return): in a second.
+fn closed() -> CheckOutcome {
     CheckOutcome {
         allowed: false,
         tightest: 0,
         remaining: 0,
-        reset_at: (now_us() / 1e6) as u64 + 1,
+        reset_at: unix_secs(now_ns()) + 1,
         retry_after_ms: 1000,
     }
 }

@@ -1,21 +1,26 @@
-//! HTTP routes (axum). Bodies go through one extractor, [`StrictJson`], so every
-//! refusal is a JSON `ErrorBody` naming the problem, and every other 4xx/5xx (a wrong
-//! method, an unknown path, ...) is given one by [`json_errors`] on the way out.
+//! HTTP routes (axum). Bodies go through one extractor, [`StrictJson`] (or
+//! [`JsonObject`] where the bytes are parsed elsewhere), whose rejection is a JSON
+//! `ErrorBody` naming the problem, the way axum's `customize-extractor-error` example
+//! turns an extractor's error into a body of the application's own; every other
+//! 4xx/5xx (a wrong method, an unknown path, ...) is given one by [`json_errors`] on the
+//! way out.
 
 use crate::auth::Auth;
 use crate::service::{ApiError, Service};
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::Router;
+use axum::{Json, Router};
 use meshlimit_core::protocol::{CheckRequest, ErrorBody, SyncRequest, MAX_BODY_BYTES};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -30,37 +35,22 @@ pub struct AppState {
     /// Reports being read or run at once; one more is answered 503 before its body is
     /// read, so reports that come faster than the store takes them do not pile up (in
     /// memory, and in front of each other past their deadlines).
-    pub reports_in_flight: Arc<tokio::sync::Semaphore>,
+    pub reports_in_flight: Arc<Semaphore>,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        json(
-            status,
-            &ErrorBody {
-                error: self.code.to_string(),
-                detail: self.detail,
-            },
-        )
+        let body = ErrorBody {
+            error: self.code.to_string(),
+            detail: self.detail,
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
-    json_bytes(
-        status,
-        serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec()),
-    )
-}
-
-fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
-    let mut r = Response::new(Body::from(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+/// A JSON body already serialized (a report's answer, built on the reports' runtime).
+fn json_bytes(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 pub fn router(state: AppState) -> Router {
@@ -71,15 +61,14 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { json(StatusCode::OK, &serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         // Health endpoints carry no secret and are what orchestrator probes call, which
         // do not hold the token.
         .route("/readyz", get(readyz))
         .merge(protected)
-        .fallback(|| async { ApiError::new(404, "not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -151,15 +140,12 @@ async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> 
         _ => None,
     };
     if !st.auth.allows(h) {
-        let mut r = ApiError::new(
-            401,
+        let refusal = ApiError::new(
+            StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Authorization: Bearer <token> missing or wrong",
-        )
-        .into_response();
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return r;
+        );
+        return ([(header::WWW_AUTHENTICATE, "Bearer")], refusal).into_response();
     }
     next.run(req).await
 }
@@ -175,7 +161,7 @@ async fn count_requests(State(st): State<AppState>, req: Request, next: Next) ->
         _ => "other",
     };
     let r = next.run(req).await;
-    st.svc.metrics.request(endpoint, r.status().as_u16());
+    st.svc.count_request(endpoint, r.status().as_u16());
     r
 }
 
@@ -203,14 +189,14 @@ impl FromRequest<AppState> for JsonObject {
                 Ok(Ok(b)) => b,
                 Ok(Err(_)) => {
                     return Err(ApiError::new(
-                        413,
+                        StatusCode::PAYLOAD_TOO_LARGE,
                         "payload_too_large",
                         format!("body: larger than {MAX_BODY_BYTES} bytes"),
                     ))
                 }
                 Err(_) => {
                     return Err(ApiError::new(
-                        408,
+                        StatusCode::REQUEST_TIMEOUT,
                         "request_timeout",
                         format!("body: not received within {:?}", st.body_timeout),
                     ))
@@ -242,7 +228,7 @@ fn require_json_content_type(h: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            415,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "content-type: must be application/json",
         ))
@@ -252,13 +238,13 @@ fn require_json_content_type(h: &HeaderMap) -> Result<(), ApiError> {
 /// One JSON object and nothing after it (whitespace aside); see
 /// [`meshlimit_core::json::check_one_object`].
 fn check_one_object(bytes: &[u8]) -> Result<(), ApiError> {
-    meshlimit_core::json::check_one_object(bytes).map_err(|d| ApiError::new(400, "bad_request", d))
+    meshlimit_core::json::check_one_object(bytes).map_err(ApiError::bad_request)
 }
 
 /// Parses one JSON document into `T`, naming the offending field; trailing bytes are an
 /// error. See [`meshlimit_core::json::parse`].
 pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    meshlimit_core::json::parse(bytes).map_err(|d| ApiError::new(400, "bad_request", d))
+    meshlimit_core::json::parse(bytes).map_err(ApiError::bad_request)
 }
 
 async fn check(
@@ -268,31 +254,45 @@ async fn check(
     let r = st.svc.check(&body).await?;
     // 200 whether allowed or not: the decision is the payload. The headers are the ones a
     // gateway would copy to its client.
-    let mut resp = json(StatusCode::OK, &r);
-    let h = resp.headers_mut();
+    let mut h = HeaderMap::new();
     h.insert("x-ratelimit-limit", r.limit.into());
     h.insert("x-ratelimit-remaining", r.remaining.into());
     h.insert("x-ratelimit-reset", r.reset_at.into());
     if let Some(s) = r.retry_after {
         h.insert(header::RETRY_AFTER, s.into());
     }
-    Ok(resp)
+    Ok((h, Json(r)).into_response())
 }
 
-async fn sync(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let Ok(permit) = st.reports_in_flight.clone().try_acquire_owned() else {
-        let mut r = ApiError::new(
-            503,
-            "overloaded",
-            "too many reports in progress; send this one's counts with the next report",
-        )
-        .into_response();
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return Ok(r);
-    };
-    let JsonObject(bytes) = JsonObject::from_request(req, &st).await?;
+/// A place among the reports in progress (at most `--max-reports-in-flight`), taken
+/// before the report's body is read.
+struct ReportPermit(OwnedSemaphorePermit);
+
+impl FromRequestParts<AppState> for ReportPermit {
+    type Rejection = Response;
+
+    async fn from_request_parts(_: &mut Parts, st: &AppState) -> Result<Self, Response> {
+        match st.reports_in_flight.clone().try_acquire_owned() {
+            Ok(p) => Ok(ReportPermit(p)),
+            Err(_) => {
+                let refusal = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "too many reports in progress; send this one's counts with the next report",
+                );
+                Err(([(header::RETRY_AFTER, "1")], refusal).into_response())
+            }
+        }
+    }
+}
+
+async fn sync(
+    State(st): State<AppState>,
+    ReportPermit(permit): ReportPermit,
+    JsonObject(bytes): JsonObject,
+) -> Result<Response, ApiError> {
     let svc = st.svc.clone();
+    // Parsed, run and serialized on the reports' runtime (see `AppState::reports`).
     let work = async move {
         let _permit = permit;
         let req: SyncRequest = parse_strict(&bytes)?;
@@ -300,51 +300,52 @@ async fn sync(State(st): State<AppState>, req: Request) -> Result<Response, ApiE
         Ok::<_, ApiError>(serde_json::to_vec(&r).unwrap_or_default())
     };
     let body = match &st.reports {
-        Some(rt) => rt
-            .spawn(work)
-            .await
-            .map_err(|e| ApiError::new(500, "internal", format!("report task: {e}")))??,
+        Some(rt) => rt.spawn(work).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("report task: {e}"),
+            )
+        })??,
         None => work.await?,
     };
-    Ok(json_bytes(StatusCode::OK, body))
+    Ok(json_bytes(body))
 }
 
 async fn put_rules(
     State(st): State<AppState>,
     JsonObject(bytes): JsonObject,
-) -> Result<Response, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     // Validated whole before anything changes; one error refuses the whole set.
     let rules = meshlimit_core::config::parse_rules(&bytes)
-        .map_err(|e| ApiError::new(400, "invalid_rules", e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_rules", e.to_string()))?;
     let n = st.svc.replace_rules(rules);
     tracing::info!("rules replaced: {n} rules");
-    Ok(json(StatusCode::OK, &serde_json::json!({ "rules": n })))
+    Ok(Json(json!({ "rules": n })))
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
-    let mut r = Response::new(Body::from(st.svc.render_metrics()));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    r
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.svc.render_metrics(),
+    )
 }
 
-async fn readyz(State(st): State<AppState>) -> Response {
-    let store = st.svc.store.name();
+async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+    let store = st.svc.store_name();
     match st.svc.ready().await {
-        Ok(()) => json(
+        Ok(()) => (
             StatusCode::OK,
-            &serde_json::json!({"ready": true, "store": store, "degraded": false}),
+            Json(json!({"ready": true, "store": store, "degraded": false})),
         ),
-        Err(e) => json(
+        Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({
+            Json(json!({
                 "ready": false,
                 "store": store,
-                "degraded": st.svc.fallback.is_degraded(),
+                "degraded": st.svc.is_degraded(),
                 "detail": e,
-            }),
+            })),
         ),
     }
 }
@@ -356,7 +357,7 @@ mod tests {
     #[test]
     fn parse_errors_name_the_field() {
         let e = parse_strict::<CheckRequest>(br#"{"client_id":"a","rule_id":5}"#).unwrap_err();
-        assert_eq!(e.status, 400);
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.detail.starts_with("rule_id:"), "{}", e.detail);
         let e = parse_strict::<SyncRequest>(br#"{"proxy_id":"p","span_ms":1,"entries":[{"rule":"r","key":"k","window_secs":1,"max":1,"admitted":-3}]}"#).unwrap_err();
         assert!(e.detail.starts_with("entries[0].admitted:"), "{}", e.detail);
@@ -389,7 +390,11 @@ mod tests {
     #[test]
     fn content_type_must_be_json() {
         let mut h = HeaderMap::new();
-        assert_eq!(require_json_content_type(&h).unwrap_err().status, 415);
+        let unsupported = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        assert_eq!(
+            require_json_content_type(&h).unwrap_err().status,
+            unsupported
+        );
         for ok in [
             "application/json",
             "application/json; charset=utf-8",
@@ -407,7 +412,7 @@ mod tests {
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static(bad));
             assert_eq!(
                 require_json_content_type(&h).unwrap_err().status,
-                415,
+                unsupported,
                 "{bad}"
             );
         }

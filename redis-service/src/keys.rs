@@ -90,7 +90,10 @@ fn mac_input(ns: Namespace, rule: &str, client: &str) -> Vec<u8> {
     v
 }
 
-/// Redis Cluster slot of a key (CRC16/XMODEM of the hash tag, mod 16384).
+/// Hash slots of a Redis Cluster: every key lives in one of them.
+pub const SLOTS: u16 = 16384;
+
+/// Redis Cluster slot of a key (CRC16/XMODEM of the hash tag, mod [`SLOTS`]).
 pub fn slot(key: &str) -> u16 {
     let k = key.as_bytes();
     let tagged = match k.iter().position(|&b| b == b'{') {
@@ -100,7 +103,7 @@ pub fn slot(key: &str) -> u16 {
         },
         None => k,
     };
-    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % SLOTS
 }
 
 #[cfg(test)]
@@ -128,7 +131,7 @@ mod tests {
         assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
         assert_eq!(
             slot("foo{}{bar}"),
-            crc16::State::<crc16::XMODEM>::calculate(b"foo{}{bar}") % 16384
+            crc16::State::<crc16::XMODEM>::calculate(b"foo{}{bar}") % SLOTS
         );
     }
 

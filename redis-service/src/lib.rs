@@ -1,13 +1,14 @@
 //! meshlimit companion service: keeps the global counts that every proxy shares, in an
 //! embedded store, Redis, or Redis Cluster, and answers the filter's batched reports
-//! (`/v1/sync`) and the seed's synchronous check (`/rate-limit/check`).
+//! (`/v1/sync`) and a synchronous check (`/rate-limit/check`) for gateways that want
+//! one.
 //!
-//! The binary (`src/main.rs`) only wires these modules together ([`server::run`] is the
-//! accept loop); the bench command and the
-//! integration tests reuse [`client`] to speak HTTP to a running service.
+//! The binary (`src/main.rs`) parses the command line and calls [`server::run`] with a
+//! [`service::Service`] set up by [`service::Service::start`]: the decisions live in
+//! [`service`] and [`fallback`], the stores behind the [`store::Store`] trait, the HTTP
+//! routes in [`http`].
 
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod fallback;
 pub mod http;

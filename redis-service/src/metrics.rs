@@ -2,6 +2,7 @@
 //! not justify a metrics framework, and fixed label sets keep cardinality bounded (no
 //! client id, rule id or proxy id ever becomes a label).
 
+use crate::service::Source;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -65,7 +66,7 @@ pub struct Metrics {
     /// (endpoint, status) -> count
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     /// (endpoint, decision, source) -> count
-    decisions: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
+    decisions: Mutex<BTreeMap<(&'static str, &'static str, Source), u64>>,
     /// error kind -> count
     store_errors: Mutex<BTreeMap<&'static str, u64>>,
     pub store_latency: Histogram,
@@ -104,7 +105,7 @@ impl Metrics {
         *self.requests.lock().entry((endpoint, status)).or_default() += 1;
     }
 
-    pub fn decision(&self, endpoint: &'static str, allowed: bool, source: &'static str, n: u64) {
+    pub fn decision(&self, endpoint: &'static str, allowed: bool, source: Source, n: u64) {
         if n == 0 {
             return;
         }
@@ -133,7 +134,8 @@ impl Metrics {
         for ((e, d, s), n) in self.decisions.lock().iter() {
             let _ = writeln!(
                 o,
-                "meshlimit_decisions_total{{endpoint=\"{e}\",decision=\"{d}\",source=\"{s}\"}} {n}"
+                "meshlimit_decisions_total{{endpoint=\"{e}\",decision=\"{d}\",source=\"{}\"}} {n}",
+                s.label()
             );
         }
         o.push_str("# HELP meshlimit_store_errors_total Store calls (items) that failed or missed the deadline.\n# TYPE meshlimit_store_errors_total counter\n");

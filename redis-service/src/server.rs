@@ -1,6 +1,7 @@
-//! The accept loop: HTTP/1.1 connections served by hyper with the limits a service
-//! exposed to hostile clients needs, and a graceful shutdown that a stalled client
-//! cannot hold up.
+//! The server: [`run`] serves a [`Service`] on a listener until told to stop, then
+//! drains and shuts the service down. The accept loop serves HTTP/1.1 connections with
+//! hyper, with the limits a service exposed to hostile clients needs, and a graceful
+//! shutdown that a stalled client cannot hold up.
 //!
 //! - **Header read timeout**: a connection must deliver a complete request head within
 //!   `header_timeout` of being ready for one (just accepted, or the previous response
@@ -18,6 +19,10 @@
 //!
 //! axum's own `serve` has no header read timeout, hence this loop.
 
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::http::{router, AppState};
+use crate::service::Service;
 use axum::Router;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -34,12 +39,75 @@ use tokio::sync::{mpsc, watch, Semaphore};
 /// Largest request head (request line and headers) read, bytes.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// How the server treats its clients.
+#[derive(Clone)]
+pub struct Options {
+    /// The bearer token every endpoint but the health checks requires.
+    pub auth: Auth,
+    pub limits: Limits,
+    /// Longest a client may take to send a request body.
+    pub body_timeout: Duration,
+    /// Reports (`/v1/sync`) handled at once.
+    pub max_reports_in_flight: usize,
+    /// The runtime reports are parsed and run on (`None`: the serving one).
+    pub reports: Option<tokio::runtime::Handle>,
+}
+
+impl Options {
+    /// What `cfg` asks for (reading the token file it names).
+    pub fn from_config(
+        cfg: &Config,
+        reports: Option<tokio::runtime::Handle>,
+    ) -> Result<Self, String> {
+        Ok(Options {
+            auth: Auth::new(cfg.load_token()?.as_deref()),
+            limits: Limits {
+                header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+                max_connections: cfg.max_connections,
+                grace: Duration::from_secs(cfg.shutdown_grace_secs),
+            },
+            body_timeout: Duration::from_millis(cfg.body_timeout_ms),
+            max_reports_in_flight: cfg.max_reports_in_flight,
+            reports,
+        })
+    }
+}
+
+/// Connection limits of the accept loop.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_timeout: Duration,
     pub max_connections: usize,
     /// How long in-flight requests may still run after the shutdown signal.
     pub grace: Duration,
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves; then lets in-flight
+/// requests finish (within the grace period) and shuts the service down (its probe
+/// stopped, what it owes the store written one last time).
+pub async fn run(
+    listener: TcpListener,
+    service: Arc<Service>,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) {
+    let app = router(AppState {
+        svc: service.clone(),
+        auth: options.auth,
+        reports: options.reports,
+        body_timeout: options.body_timeout,
+        reports_in_flight: Arc::new(Semaphore::new(options.max_reports_in_flight)),
+    });
+    let limits = options.limits;
+    let drained = serve(listener, app, limits, async {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
+    .await;
+    if !drained {
+        tracing::warn!("in-flight requests still running after {:?}", limits.grace);
+    }
+    service.shutdown().await;
 }
 
 /// Counts a connection's requests from the moment the application has them until their
@@ -61,7 +129,7 @@ impl Drop for InFlight {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains. Returns true when
 /// every connection was done within the grace period.
-pub async fn run(
+async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,

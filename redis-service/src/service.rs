@@ -1,55 +1,141 @@
 //! The service's decisions, independent of HTTP: rules, store calls under a deadline,
-//! the switch to the fallback, and the probe that switches back.
+//! the switch to the fallback, and the probe that switches back. [`Service::start`]
+//! sets it all up from the command line and owns the probe's task.
 
 use crate::config::{Algorithm, Config};
 use crate::fallback::Fallback;
 use crate::keys::{KeyMaker, Namespace};
 use crate::metrics::{Gauges, Metrics};
-use crate::shares::ShareParams;
-use crate::store::{CheckOp, CheckOutcome, Store, StoreError, StoreLimit, SyncOp};
+use crate::shares::{ShareParams, MAX_PEERS};
+use crate::store::{self, CheckOp, CheckOutcome, Store, StoreError, StoreLimit, SyncOp};
+use axum::http::StatusCode;
 use meshlimit_core::config::Rule;
 use meshlimit_core::protocol::{CheckRequest, CheckResponse, SyncGrant, SyncRequest, SyncResponse};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+
+/// Longest the store may take to connect at start; past it the service starts degraded
+/// and the probe connects it later.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deadline of one pass writing pending counts back, and the least deadline of the
+/// probe's ping (a store coming back may be slow at first).
+const RECONCILE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The least deadline of `/readyz`'s ping.
+const READY_PING_DEADLINE: Duration = Duration::from_millis(500);
+
+/// The least probe interval.
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A report's span: the one a span of 0 stands for, and the longest one believed.
+const DEFAULT_SPAN_MS: u64 = 1000;
+const MAX_SPAN_MS: u64 = 86_400_000;
+
+/// Who decided: the metrics' `source` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    /// The store (Redis, or the embedded store).
+    Store,
+    /// The local fallback, enforcing `--fallback-share` of each limit.
+    Fallback,
+    /// Admitted without a count (`--on-store-error open`).
+    FailOpen,
+    /// Refused (`--on-store-error closed`, or a full fallback table).
+    FailClosed,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Store => "store",
+            Source::Fallback => "fallback",
+            Source::FailOpen => "fail_open",
+            Source::FailClosed => "fail_closed",
+        }
+    }
+}
 
 /// An error for the client: HTTP status, short code, detail naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
-    pub status: u16,
+    pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
 }
 
 impl ApiError {
-    pub fn new(status: u16, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
             detail: detail.into(),
         }
     }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
 }
 
 pub struct Service {
-    pub algorithm: Algorithm,
+    algorithm: Algorithm,
     rules: RwLock<Arc<HashMap<String, Rule>>>,
-    pub store: Arc<dyn Store>,
-    pub fallback: Fallback,
-    pub metrics: Metrics,
+    store: Arc<dyn Store>,
+    fallback: Fallback,
+    metrics: Metrics,
     keys: KeyMaker,
-    pub share: ShareParams,
+    share: ShareParams,
     deadline: Duration,
     sync_deadline: Duration,
     /// When the store last answered anything (nanoseconds since `epoch`).
     last_answer_ns: AtomicU64,
     epoch: Instant,
+    /// The probe's task (see [`Service::start`]), stopped by [`Service::shutdown`].
+    probe: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Service {
-    pub fn new(
+    /// Sets up what `cfg` asks for (the rules file, the store, the fallback), starts the
+    /// store (connecting to Redis; a store that cannot be reached within
+    /// [`CONNECT_TIMEOUT`] leaves the service degraded, answering from the fallback) and
+    /// the probe, every `--probe-interval-ms`. `reports` is the runtime report
+    /// connections are driven on (`None`: the caller's). Inside the runtime.
+    pub async fn start(
+        cfg: &Config,
+        reports: Option<tokio::runtime::Handle>,
+    ) -> Result<Arc<Service>, String> {
+        let keys = KeyMaker::new(&cfg.key_prefix, &cfg.load_client_hash_key()?);
+        let rules = match &cfg.rules {
+            Some(p) => {
+                let bytes =
+                    std::fs::read(p).map_err(|e| format!("--rules {}: {e}", p.display()))?;
+                meshlimit_core::config::parse_rules(&bytes)
+                    .map_err(|e| format!("--rules {}: {e}", p.display()))?
+            }
+            None => Vec::new(),
+        };
+        let store = store::from_config(cfg, keys.clone(), reports)?;
+        let fallback = Fallback::from_config(cfg, keys.clone());
+        let svc = Arc::new(Service::new(cfg, rules, store, fallback, keys));
+        svc.fallback.start();
+        let started = tokio::time::timeout(CONNECT_TIMEOUT, svc.store.start())
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("connect timed out".into())));
+        if let Err(e) = started {
+            // Start even when the store is down: degraded, then the probe brings it back.
+            tracing::warn!("store not reachable at start, starting degraded: {e}");
+            svc.fallback.enter_degraded(&e.to_string());
+        }
+        svc.start_probe(Duration::from_millis(cfg.probe_interval_ms).max(MIN_PROBE_INTERVAL));
+        Ok(svc)
+    }
+
+    /// The parts, as they are: nothing is started (see [`Service::start`]).
+    fn new(
         cfg: &Config,
         rules: Vec<Rule>,
         store: Arc<dyn Store>,
@@ -66,14 +152,61 @@ impl Service {
             share: ShareParams {
                 ttl_ms: cfg.share_ttl_ms,
                 floor: cfg.share_floor,
-                max_peers: 256,
+                max_peers: MAX_PEERS,
                 headroom: cfg.share_headroom,
             },
             deadline: cfg.store_timeout(),
             sync_deadline: cfg.sync_timeout(),
             last_answer_ns: AtomicU64::new(0),
             epoch: Instant::now(),
+            probe: Mutex::new(None),
         }
+    }
+
+    /// Runs [`Service::probe`] every `every` until [`Service::shutdown`] (or until the
+    /// service is dropped: the task holds no strong reference).
+    fn start_probe(self: &Arc<Self>, every: Duration) {
+        let svc: Weak<Service> = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(svc) = svc.upgrade() else { return };
+                svc.probe().await;
+            }
+        });
+        if let Some(old) = self.probe.lock().replace(task) {
+            old.abort();
+        }
+    }
+
+    /// Stops the probe, then one last attempt to write what the fallback owes.
+    pub async fn shutdown(&self) {
+        if let Some(probe) = self.probe.lock().take() {
+            probe.abort();
+        }
+        self.flush().await;
+    }
+
+    /// The algorithm of `/rate-limit/check`.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The store's name, as `/readyz` and `meshlimit_store_info` give it.
+    pub fn store_name(&self) -> &'static str {
+        self.store.name()
+    }
+
+    /// Answering from the fallback because the store is not usable.
+    pub fn is_degraded(&self) -> bool {
+        self.fallback.is_degraded()
+    }
+
+    /// Counts one HTTP request and its status (`meshlimit_requests_total`).
+    pub fn count_request(&self, endpoint: &'static str, status: u16) {
+        self.metrics.request(endpoint, status);
     }
 
     /// Replaces all rules at once (the caller has validated the whole set).
@@ -83,6 +216,7 @@ impl Service {
         n
     }
 
+    /// Rules loaded for `/rate-limit/check`.
     pub fn rule_count(&self) -> usize {
         self.rules.read().len()
     }
@@ -112,9 +246,10 @@ impl Service {
         }
     }
 
+    /// `/rate-limit/check`: the store's decision within the check deadline, else the
+    /// fallback's.
     pub async fn check(&self, req: &CheckRequest) -> Result<CheckResponse, ApiError> {
-        req.validate()
-            .map_err(|d| ApiError::new(400, "bad_request", d))?;
+        req.validate().map_err(ApiError::bad_request)?;
         let rule = self
             .rules
             .read()
@@ -122,7 +257,7 @@ impl Service {
             .cloned()
             .ok_or_else(|| {
                 ApiError::new(
-                    404,
+                    StatusCode::NOT_FOUND,
                     "unknown_rule",
                     format!("rule_id: no rule {:?} is loaded", req.rule_id),
                 )
@@ -136,14 +271,10 @@ impl Service {
                 Algorithm::TokenBucket => l.burst,
             };
             if hits > holds {
-                return Err(ApiError::new(
-                    400,
-                    "bad_request",
-                    format!(
-                        "hits: {hits} is more than rule {:?} ever admits at once ({holds} per {} s)",
-                        rule.id, l.window_secs
-                    ),
-                ));
+                return Err(ApiError::bad_request(format!(
+                    "hits: {hits} is more than rule {:?} ever admits at once ({holds} per {} s)",
+                    rule.id, l.window_secs
+                )));
             }
         }
         let op = CheckOp {
@@ -152,12 +283,10 @@ impl Service {
             hits,
             force: false,
         };
-        let (out, source) = self.check_op(op.clone()).await;
-        let out = match out {
-            Some(o) => (o, source),
+        let (o, source) = match self.check_op(op.clone()).await {
+            Some(o) => (o, Source::Store),
             None => self.fallback.check(self.algorithm, &op, &self.metrics),
         };
-        let (o, source) = out;
         self.metrics.decision("check", o.allowed, source, 1);
         let limit = rule.limits.get(o.tightest).map_or(0, |l| l.max);
         Ok(CheckResponse {
@@ -182,9 +311,9 @@ impl Service {
     }
 
     /// The store's answer, or None when the fallback must decide.
-    async fn check_op(&self, op: CheckOp) -> (Option<CheckOutcome>, &'static str) {
+    async fn check_op(&self, op: CheckOp) -> Option<CheckOutcome> {
         if self.fallback.is_degraded() {
-            return (None, "fallback");
+            return None;
         }
         let t = Instant::now();
         let r = tokio::time::timeout(self.deadline, self.store.check(self.algorithm, &[op])).await;
@@ -195,13 +324,13 @@ impl Service {
             Ok(mut v) => match v.pop() {
                 Some(Ok(o)) => {
                     self.store_answered();
-                    (Some(o), "store")
+                    Some(o)
                 }
                 Some(Err(e)) => {
                     self.store_failed(&e, false);
-                    (None, "fallback")
+                    None
                 }
-                None => (None, "fallback"),
+                None => None,
             },
             // One late answer while the store goes on answering other calls is a
             // blip (on a shared machine, a scheduling delay): this check is answered by
@@ -211,27 +340,28 @@ impl Service {
             Err(_) if self.store_answered_lately() => {
                 self.metrics.store_error("late");
                 tracing::debug!("a check missed its deadline of {:?}", self.deadline);
-                (None, "fallback")
+                None
             }
             Err(_) => {
                 self.store_failed(
                     &StoreError::Slow(format!("no answer within {:?}", self.deadline)),
                     false,
                 );
-                (None, "fallback")
+                None
             }
         }
     }
 
+    /// `/v1/sync`: each entry added to its global count and the proxy's share allocated,
+    /// by the store within the report deadline, else by the fallback.
     pub async fn sync(&self, req: &SyncRequest) -> Result<SyncResponse, ApiError> {
-        req.validate()
-            .map_err(|d| ApiError::new(400, "bad_request", d))?;
+        req.validate().map_err(ApiError::bad_request)?;
         self.metrics.sync_batch.observe(req.entries.len() as f64);
         // A zero span would make every rate infinite; treat it as one second.
         let span_ms = if req.span_ms == 0 {
-            1000
+            DEFAULT_SPAN_MS
         } else {
-            req.span_ms.min(86_400_000)
+            req.span_ms.min(MAX_SPAN_MS)
         };
         let ops: Vec<SyncOp> = req
             .entries
@@ -307,9 +437,14 @@ impl Service {
                 reset_at: o.reset_at,
             });
         }
-        self.metrics.decision("sync", true, "store", from_store);
         self.metrics
-            .decision("sync", true, "fallback", entries.len() as u64 - from_store);
+            .decision("sync", true, Source::Store, from_store);
+        self.metrics.decision(
+            "sync",
+            true,
+            Source::Fallback,
+            entries.len() as u64 - from_store,
+        );
         Ok(SyncResponse {
             entries,
             ttl_ms: self.share.ttl_ms,
@@ -327,11 +462,7 @@ impl Service {
                 for_how_long.as_secs_f64()
             ));
         }
-        match tokio::time::timeout(
-            self.deadline.max(Duration::from_millis(500)),
-            self.store.ping(),
-        )
-        .await
+        match tokio::time::timeout(self.deadline.max(READY_PING_DEADLINE), self.store.ping()).await
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -340,13 +471,14 @@ impl Service {
     }
 
     /// One probe step: while degraded, ping; when the store answers, reconcile and clear.
-    pub async fn probe(&self) {
+    /// Not degraded, it writes back what items that failed alone still owe.
+    async fn probe(&self) {
         if !self.fallback.is_degraded() {
             // Items that failed alone (not a store outage) still owe their counts.
             if self.fallback.pending_len() > 0 {
                 if let Err(e) = self
                     .fallback
-                    .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
+                    .reconcile(self.store.as_ref(), RECONCILE_DEADLINE, &self.metrics)
                     .await
                 {
                     tracing::warn!("reconciliation incomplete: {e}");
@@ -355,8 +487,7 @@ impl Service {
             return;
         }
         let ping =
-            tokio::time::timeout(self.deadline.max(Duration::from_secs(2)), self.store.ping())
-                .await;
+            tokio::time::timeout(self.deadline.max(RECONCILE_DEADLINE), self.store.ping()).await;
         match ping {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -374,7 +505,7 @@ impl Service {
             .fallback
             .reconcile(
                 self.store.as_ref(),
-                self.deadline.max(Duration::from_secs(2)),
+                self.deadline.max(RECONCILE_DEADLINE),
                 &self.metrics,
             )
             .await
@@ -386,7 +517,7 @@ impl Service {
                 // Requests that raced the switch may have added more; write those too.
                 let _ = self
                     .fallback
-                    .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
+                    .reconcile(self.store.as_ref(), RECONCILE_DEADLINE, &self.metrics)
                     .await;
             }
             Err(e) => {
@@ -398,11 +529,11 @@ impl Service {
     }
 
     /// On shutdown: one last attempt to write what the fallback owes.
-    pub async fn flush(&self) {
+    async fn flush(&self) {
         if self.fallback.pending_len() > 0 {
             match self
                 .fallback
-                .reconcile(self.store.as_ref(), Duration::from_secs(2), &self.metrics)
+                .reconcile(self.store.as_ref(), RECONCILE_DEADLINE, &self.metrics)
                 .await
             {
                 Ok(n) => tracing::info!("flushed {n} pending entries"),
@@ -411,6 +542,7 @@ impl Service {
         }
     }
 
+    /// `/metrics`: the Prometheus text.
     pub fn render_metrics(&self) -> String {
         let (degraded_transitions, degraded_seconds) = self.fallback.degraded_totals();
         self.metrics.render(&Gauges {

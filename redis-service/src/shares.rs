@@ -47,16 +47,8 @@ pub struct ShareParams {
     pub headroom: f64,
 }
 
-impl Default for ShareParams {
-    fn default() -> Self {
-        ShareParams {
-            ttl_ms: 3000,
-            floor: 0.1,
-            max_peers: 256,
-            headroom: 0.0,
-        }
-    }
-}
+/// Most proxies tracked per key (see [`ShareParams::max_peers`]).
+pub const MAX_PEERS: usize = 256;
 
 /// Runs one report of proxy `me` (with `rate` requests/s of demand) against `peers`,
 /// updating them in place, and returns `me`'s grant.
@@ -121,7 +113,7 @@ mod tests {
     const P: ShareParams = ShareParams {
         ttl_ms: 3000,
         floor: 0.1,
-        max_peers: 256,
+        max_peers: MAX_PEERS,
         headroom: 0.0,
     };
 

@@ -1,14 +1,16 @@
 //! The HTTP API against the embedded store: auth, every bad input, rules replacement,
 //! both algorithms with multi-window limits, sync shares, metrics, graceful shutdown.
+//! Served in this process through the library's `server::run`, except where the
+//! process is the point (SIGTERM and the exit status: the binary).
 
-mod common;
-use common::*;
+mod support;
 use serde_json::json;
 use std::time::Duration;
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_is_required_except_health() {
-    let s = Service::start(&[]);
+    let s = Service::in_process(&[]).await;
     let anon = s.client.with_token(None);
     let wrong = s.client.with_token(Some("test-token-12"));
     let body = json!({"client_id": "a", "rule_id": "api"});
@@ -45,7 +47,7 @@ async fn auth_is_required_except_health() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_named_4xx() {
-    let s = Service::start(&[]);
+    let s = Service::in_process(&[]).await;
     let c = &s.client;
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("/rate-limit/check", b"{not json".to_vec(), 400, "line 1"),
@@ -112,7 +114,7 @@ async fn bad_inputs_are_named_4xx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_are_replaced_whole_or_not_at_all() {
-    let s = Service::start(&[]);
+    let s = Service::in_process(&[]).await;
     let c = &s.client;
     let id = uniq("rules");
     // An invalid set (second rule broken) changes nothing.
@@ -182,13 +184,13 @@ async fn rules_are_replaced_whole_or_not_at_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sliding_window_multi_window_in_memory() {
-    let s = Service::start(&["--algorithm", "sliding-window"]);
+    let s = Service::in_process(&["--algorithm", "sliding-window"]).await;
     multi_window_contract(&s.client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_bucket_multi_window_in_memory() {
-    let s = Service::start(&["--algorithm", "token-bucket"]);
+    let s = Service::in_process(&["--algorithm", "token-bucket"]).await;
     multi_window_contract(&s.client).await;
     // Refill: "short" is 3 per second, burst 3; a token comes back every 333 ms.
     let id = uniq("tb");
@@ -203,7 +205,7 @@ async fn token_bucket_multi_window_in_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_shares_follow_demand_in_memory() {
-    let s = Service::start(&["--share-ttl-ms", "2000"]);
+    let s = Service::in_process(&["--share-ttl-ms", "2000"]).await;
     sync_contract(&s.client).await;
 }
 
@@ -229,7 +231,7 @@ async fn sigterm_exits_cleanly_and_metrics_render() {
 async fn rules_are_parsed_as_strictly_as_the_filter_parses_them() {
     // PUT /rate-limits/rules uses the filter's parser: a second document after the first
     // or a repeated field is refused, not half-applied.
-    let s = Service::start(&[]);
+    let s = Service::in_process(&[]).await;
     let c = &s.client;
     for (body, want) in [
         (
@@ -254,7 +256,7 @@ async fn rules_are_parsed_as_strictly_as_the_filter_parses_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_are_one_json_object_parsed_strictly() {
-    let s = Service::start(&[]);
+    let s = Service::in_process(&[]).await;
     let c = &s.client;
     let id = uniq("strict");
     let check_body = format!(r#"{{"client_id":"{id}","rule_id":"api"}}"#);
@@ -371,7 +373,7 @@ async fn bodies_are_one_json_object_parsed_strictly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_status_has_a_json_body() {
     use hyper::Method;
-    let s = Service::start(&[]);
+    let s = Service::in_process(&[]).await;
     let c = &s.client;
     let cases: Vec<(Method, &str, u16, &str)> = vec![
         (Method::GET, "/rate-limit/check", 405, "method_not_allowed"),
@@ -429,7 +431,7 @@ async fn every_error_status_has_a_json_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_scheme_in_any_case_but_one_header_only() {
     use hyper::Method;
-    let s = Service::start(&[]);
+    let s = Service::in_process(&[]).await;
     let anon = s.client.with_token(None);
     let body = json!({"client_id": uniq("case"), "rule_id": "api"}).to_string();
     for scheme in ["Bearer", "bearer", "BEARER", "bEARER"] {
@@ -473,8 +475,8 @@ async fn bearer_scheme_in_any_case_but_one_header_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_and_reset_at_are_true_in_memory() {
-    let sw = Service::start(&["--algorithm", "sliding-window"]);
-    let tb = Service::start(&["--algorithm", "token-bucket"]);
+    let sw = Service::in_process(&["--algorithm", "sliding-window"]).await;
+    let tb = Service::in_process(&["--algorithm", "token-bucket"]).await;
     tokio::join!(
         retry_contract(&sw.client, true),
         retry_contract(&tb.client, false)

@@ -3,9 +3,9 @@
 //! a body that never comes, more connections than allowed, and SIGTERM while such a
 //! client holds a connection.
 
-mod common;
-use common::*;
+mod support;
 use std::time::{Duration, Instant};
+use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

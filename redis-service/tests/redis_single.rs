@@ -2,9 +2,9 @@
 //! TTLs and memory per key, shares in Lua, ACL auth, NOSCRIPT, Redis stopped and
 //! restarted (fallback, then reconciliation), and the shutdown flush.
 
-mod common;
-use common::*;
+mod support;
 use std::time::{Duration, Instant};
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_limit_under_concurrency_across_two_instances() {

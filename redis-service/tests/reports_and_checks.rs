@@ -5,8 +5,8 @@
 //! and other tests' Redis processes and traffic on the same 2 cores would be load this
 //! test did not make (the other files run before or after it, never during).
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

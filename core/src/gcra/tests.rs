@@ -206,3 +206,45 @@ fn a_refusal_describes_the_limit_retry_after_comes_from() {
     assert_eq!((d.remaining, d.reset_ns), (1, 40 * S));
     assert_eq!(next_token_ns(&l[0], d.remaining, d.reset_ns), 20 * S);
 }
+
+#[test]
+fn force_takes_what_fits_and_empties_the_rest_never_beyond_empty() {
+    let l = [limit(60, 5, 5), limit(3600, 100, 100)];
+    let now = 1_000 * S;
+    let mut tats = [0, 0];
+    assert_eq!(admit_n(&l, &mut tats, now, 2), 2);
+    let before = tats;
+    // 4 hits: the first limit has 3 tokens, so the request is refused...
+    let d = force(&l, &mut tats, now, 4);
+    assert!(!d.allowed);
+    assert!(d.changed);
+    assert_eq!(d.retry_after_ns, 12 * S, "what check tells the request");
+    // ...and charged all the same: the first bucket emptied (not 1 below empty), the
+    // second takes all 4.
+    assert_eq!(tats[0], now + l[0].depth_ns);
+    assert_eq!(tats[1], before[1] + 4 * l[1].interval_ns);
+    let after = check(&l, &mut tats.clone(), now, 1);
+    assert!(!after.allowed);
+    assert_eq!(
+        after.retry_after_ns,
+        12 * S,
+        "one token back after one interval, as after an ordinary emptying"
+    );
+    // Forced again while empty: nothing moves beyond empty.
+    let emptied = tats;
+    force(&l, &mut tats, now, 4);
+    assert_eq!(tats[0], emptied[0]);
+    assert_eq!(tats[1], emptied[1] + 4 * l[1].interval_ns);
+}
+
+#[test]
+fn force_of_hits_that_fit_is_check() {
+    let l = [limit(60, 5, 5), limit(3600, 100, 100)];
+    let now = 1_000 * S;
+    let (mut a, mut b) = ([0, 0], [0, 0]);
+    for i in 0..5 {
+        let now = now + i * S;
+        assert_eq!(force(&l, &mut a, now, 1), check(&l, &mut b, now, 1));
+        assert_eq!(a, b);
+    }
+}

@@ -13,7 +13,12 @@
 //! not delay the next report). Prints the checks' latency and the share of them answered
 //! by the fallback rather than the store, and the reports' latency.
 
-use meshlimit_service::client::Client;
+// The integration tests' client; the bench uses part of it.
+#[path = "../../tests/support/client.rs"]
+#[allow(dead_code, reason = "the bench uses only part of the tests' client")]
+mod client;
+
+use client::Client;
 use serde_json::json;
 use std::time::{Duration, Instant};
 

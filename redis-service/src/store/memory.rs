@@ -1,8 +1,9 @@
 //! The embedded store: the default when no Redis is configured (demo, single node), and
 //! the local fallback while Redis is unreachable. The same arithmetic as the Lua scripts
-//! in `lua/`, on this process's clock, with TTLs swept in the background.
+//! in `lua/`, on this process's clock in integer nanoseconds (Unix time), with expired
+//! keys dropped by a background task the store owns.
 
-use super::{tightest, CheckOp, CheckOutcome, ItemResult, Store, StoreError, SyncOp, SyncOutcome};
+use super::{CheckOp, CheckOutcome, ItemResult, Store, StoreError, SyncOp, SyncOutcome};
 use crate::config::Algorithm;
 use crate::keys::KeyMaker;
 use crate::shares::{allocate, Peer, ShareParams};
@@ -13,144 +14,276 @@ use parking_lot::Mutex;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Keys one embedded store keeps at most (the store, and the fallback, each).
+pub const MAX_KEYS: usize = 4_000_000;
+
+/// How often the background task drops expired keys. Expired keys are already ignored
+/// on read; the sweep only returns their memory, so every few seconds is plenty.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 const SHARDS: usize = 64;
+const NS_PER_SEC: u64 = 1_000_000_000;
+const NS_PER_MS: u64 = 1_000_000;
 
-enum Entry {
-    /// Sliding window: window index, its count, the previous window's count.
-    Sw {
-        i: i64,
-        c: u64,
-        p: u64,
-    },
-    /// GCRA theoretical arrival time, unix nanoseconds.
-    Tb {
-        tat_ns: u64,
-    },
-    Shares(HashMap<String, Peer>),
+/// Slack on "fits" (see `lua/sliding_window.lua`): at the exact time a retry is told to
+/// come back, the estimate is exactly `max - hits`, which float rounding could otherwise
+/// put a hair above.
+const SW_EPS: f64 = 1e-9;
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-struct Slot {
-    entry: Entry,
-    expires_us: f64,
+/// Whole Unix seconds of `ns`, rounded down.
+pub fn unix_secs(ns: u64) -> u64 {
+    ns / NS_PER_SEC
+}
+
+/// A sliding window's stored counts: the window they belong to (its index since the
+/// epoch), its count so far, and the count of the window before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct WindowCounts {
+    index: u64,
+    current: u64,
+    previous: u64,
+}
+
+enum Value {
+    Window(WindowCounts),
+    /// GCRA theoretical arrival time, Unix nanoseconds.
+    Tat(u64),
+    /// Per proxy, its demand and grant for one sync key (see `shares`).
+    Peers(HashMap<String, Peer>),
+}
+
+struct Entry {
+    value: Value,
+    expires_ns: u64,
+}
+
+type Shard = HashMap<String, Entry>;
+
+struct Shards {
+    shards: Vec<Mutex<Shard>>,
+}
+
+impl Shards {
+    /// Drops expired keys; returns how many are left.
+    fn sweep(&self, now: u64) -> usize {
+        let mut left = 0;
+        for s in &self.shards {
+            let mut m = s.lock();
+            m.retain(|_, e| e.expires_ns > now);
+            left += m.len();
+        }
+        left
+    }
 }
 
 pub struct MemoryStore {
     keys: KeyMaker,
-    shards: Vec<Mutex<HashMap<String, Slot>>>,
+    shared: Arc<Shards>,
     /// Most keys kept; past it a check sweeps expired keys and, if still full, refuses
     /// (the caller then treats it as a store failure) rather than growing without bound.
     max_keys: usize,
+    sweeping: AtomicBool,
 }
 
-pub fn now_us() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as f64)
-        .unwrap_or(0.0)
+/// One sliding window at `now`: its length, its index since the epoch, and how far
+/// into it `now` is.
+#[derive(Debug, Clone, Copy)]
+struct WindowAt {
+    secs: u64,
+    len_ns: u64,
+    index: u64,
+    elapsed_ns: u64,
 }
 
-/// A sliding-window key's (current, previous) counts as of window `idx`: a stored
-/// window one step behind becomes the previous one, older or expired ones count 0.
-/// Unix second when a sliding-window limit with (current, previous) counts `c`, `p` in
-/// window `idx` is full again: its estimate `p·(1 − frac) + c` reaches 0 at the second
-/// window boundary ahead while `c > 0`, at the next one when only `p` counts.
-fn sw_full_at(c: u64, p: u64, idx: i64, w: u64, now_s: f64) -> u64 {
-    if c > 0 {
-        (idx as u64 + 2) * w
-    } else if p > 0 {
-        (idx as u64 + 1) * w
-    } else {
-        now_s.ceil() as u64
+impl WindowAt {
+    fn new(window_secs: u64, now: u64) -> Self {
+        let len_ns = window_secs.saturating_mul(NS_PER_SEC).max(1);
+        WindowAt {
+            secs: window_secs,
+            len_ns,
+            index: now / len_ns,
+            elapsed_ns: now % len_ns,
+        }
+    }
+
+    /// Part of the window gone by, in [0, 1).
+    fn frac(&self) -> f64 {
+        self.elapsed_ns as f64 / self.len_ns as f64
+    }
+
+    /// `stored` as of this window: a stored window one step behind becomes the previous
+    /// one, an older (or expired) one counts nothing.
+    fn counts(&self, stored: Option<WindowCounts>) -> WindowCounts {
+        let fresh = WindowCounts {
+            index: self.index,
+            ..WindowCounts::default()
+        };
+        match stored {
+            Some(s) if s.index == self.index => s,
+            Some(s) if s.index + 1 == self.index => WindowCounts {
+                previous: s.current,
+                ..fresh
+            },
+            _ => fresh,
+        }
+    }
+
+    /// The sliding-window estimate of requests in the last window: the previous
+    /// window's count weighted by the part of it the sliding window still covers, plus
+    /// the current count.
+    fn estimate(&self, c: WindowCounts) -> f64 {
+        c.previous as f64 * (1.0 - self.frac()) + c.current as f64
+    }
+
+    /// Seconds until `hits` more fit under `max` with counts `c`, if nothing else is
+    /// counted meanwhile (only asked when they do not fit now).
+    fn wait_secs(&self, c: WindowCounts, max: u64, hits: u64) -> f64 {
+        let (w, frac) = (self.secs as f64, self.frac());
+        let (max, h, cur, prev) = (max as f64, hits as f64, c.current as f64, c.previous as f64);
+        if h > max {
+            2.0 * w
+        } else if cur + h <= max {
+            // The previous window's weight falls linearly until they fit.
+            ((1.0 - (max - cur - h) / prev) - frac) * w
+        } else {
+            // Only in the next window, where this window's count is the decaying one.
+            (1.0 - frac) * w + (1.0 - (max - h) / cur).max(0.0) * w
+        }
+    }
+
+    /// Unix second when the limit is full again (its estimate back to 0): the second
+    /// window boundary ahead while the current window holds a count, the next one when
+    /// only the previous does.
+    fn full_at(&self, c: WindowCounts, now: u64) -> u64 {
+        if c.current > 0 {
+            (self.index + 2) * self.secs
+        } else if c.previous > 0 {
+            (self.index + 1) * self.secs
+        } else {
+            now.div_ceil(NS_PER_SEC)
+        }
+    }
+
+    /// When a key written now expires: two windows on (after that it counts nothing).
+    fn expiry(&self, now: u64) -> u64 {
+        now.saturating_add(self.len_ns.saturating_mul(2))
     }
 }
 
-/// Slack on "fits" (see `lua/sliding_window.lua`).
-const SW_EPS: f64 = 1e-9;
+/// What one limit of a check says, for choosing the limit an answer describes.
+#[derive(Debug, Clone, Copy)]
+struct LimitState<W> {
+    remaining: u64,
+    /// How long this limit keeps the request out (0 when it has room); only compared
+    /// with the other limits of the same check.
+    wait: W,
+    window_secs: u64,
+}
 
 /// Index of the limit a check answer describes: admitted, the one with the fewest left;
-/// refused, the one that takes longest to let the request through. Ties: longer window.
-/// `rows` are (remaining, wait, window_secs).
-fn describe(allowed: bool, rows: &[(u64, f64, u64)]) -> usize {
-    if allowed {
-        let rems: Vec<(u64, u64)> = rows.iter().map(|&(r, _, w)| (r, w)).collect();
-        return tightest(&rems);
-    }
+/// refused, the one that takes longest to let the request through. Ties: the longer
+/// window (it takes longer to refill).
+fn describe<W: PartialOrd + Copy>(allowed: bool, limits: &[LimitState<W>]) -> usize {
     let mut best = 0;
-    for (i, &(_, wait, w)) in rows.iter().enumerate() {
-        let (_, bwait, bw) = rows[best];
-        if wait > bwait || (wait == bwait && w > bw) {
+    for (i, l) in limits.iter().enumerate() {
+        let b = &limits[best];
+        let (better, tie) = if allowed {
+            (l.remaining < b.remaining, l.remaining == b.remaining)
+        } else {
+            (l.wait > b.wait, l.wait == b.wait)
+        };
+        if better || (tie && l.window_secs > b.window_secs) {
             best = i;
         }
     }
     best
 }
 
-fn sw_counts(m: &HashMap<String, Slot>, key: &str, idx: i64, now_us: f64) -> (u64, u64) {
+fn stored_counts(m: &Shard, key: &str, now: u64) -> Option<WindowCounts> {
     match m.get(key) {
-        Some(Slot {
-            entry: Entry::Sw { i, c, p },
-            expires_us,
-        }) if *expires_us > now_us => {
-            if *i == idx {
-                (*c, *p)
-            } else if *i == idx - 1 {
-                (0, *c)
-            } else {
-                (0, 0)
-            }
-        }
-        _ => (0, 0),
+        Some(Entry {
+            value: Value::Window(c),
+            expires_ns,
+        }) if *expires_ns > now => Some(*c),
+        _ => None,
+    }
+}
+
+fn stored_tat(m: &Shard, key: &str, now: u64) -> u64 {
+    match m.get(key) {
+        Some(Entry {
+            value: Value::Tat(t),
+            expires_ns,
+        }) if *expires_ns > now => *t,
+        _ => 0,
     }
 }
 
 impl MemoryStore {
+    /// An empty store of at most `max_keys` keys. Expired keys are swept once
+    /// [`Store::start`] has started the store's background task.
     pub fn new(keys: KeyMaker, max_keys: usize) -> Self {
         MemoryStore {
             keys,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shared: Arc::new(Shards {
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            }),
             max_keys: max_keys.max(SHARDS),
+            sweeping: AtomicBool::new(false),
         }
     }
 
-    fn shard(&self, tag: &str) -> &Mutex<HashMap<String, Slot>> {
+    /// Starts the task that sweeps expired keys every `every` (once: `None` when it
+    /// runs already); it ends by itself when the store is dropped. Must run inside a
+    /// tokio runtime.
+    pub fn start_sweeping(&self, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let shards: Weak<Shards> = Arc::downgrade(&self.shared);
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(shards) = shards.upgrade() else {
+                    return;
+                };
+                shards.sweep(now_ns());
+            }
+        }))
+    }
+
+    fn shard(&self, tag: &str) -> &Mutex<Shard> {
         // All keys of one tag in one shard: one lock makes a multi-window check atomic.
         let mut h = DefaultHasher::new();
         tag.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shared.shards[(h.finish() as usize) % SHARDS]
     }
 
-    /// Drops expired keys; returns how many are left.
-    pub fn sweep(&self) -> usize {
-        let now = now_us();
-        let mut left = 0;
-        for s in &self.shards {
-            let mut m = s.lock();
-            m.retain(|_, v| v.expires_us > now);
-            left += m.len();
-        }
-        left
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn full(&self, m: &mut HashMap<String, Slot>, now: f64) -> bool {
+    fn full(&self, m: &mut Shard, now: u64) -> bool {
         let per_shard = self.max_keys / SHARDS;
         if m.len() < per_shard {
             return false;
         }
-        m.retain(|_, v| v.expires_us > now);
+        m.retain(|_, e| e.expires_ns > now);
         m.len() >= per_shard
     }
 
-    pub fn check_one(&self, algo: Algorithm, op: &CheckOp, now: f64) -> ItemResult<CheckOutcome> {
+    /// One check at `now` (Unix nanoseconds).
+    pub fn check_one(&self, algo: Algorithm, op: &CheckOp, now: u64) -> ItemResult<CheckOutcome> {
         let mut m = self.shard(&op.tag).lock();
         if self.full(&mut m, now) {
             return Err(StoreError::Failed("in-memory store is full".into()));
@@ -161,74 +294,74 @@ impl MemoryStore {
         })
     }
 
-    fn sw_check(&self, m: &mut HashMap<String, Slot>, op: &CheckOp, now_us: f64) -> CheckOutcome {
-        let now = now_us / 1e6;
+    fn sw_check(&self, m: &mut Shard, op: &CheckOp, now: u64) -> CheckOutcome {
+        struct Limit {
+            key: String,
+            max: u64,
+            window: WindowAt,
+            counts: WindowCounts,
+            wait_secs: f64,
+        }
         let hits = op.hits;
         let mut allowed = true;
-        let mut retry = 0.0f64;
-        let mut st = Vec::with_capacity(op.limits.len());
+        let mut retry_secs = 0.0f64;
+        let mut limits = Vec::with_capacity(op.limits.len());
         for l in &op.limits {
             let key = self.keys.sw_key(&op.tag, l.window_secs);
-            let w = l.window_secs as f64;
-            let max = l.max as f64;
-            let idx = (now / w).floor() as i64;
-            let (c, p) = sw_counts(m, &key, idx, now_us);
-            let frac = (now - idx as f64 * w) / w;
-            let est = p as f64 * (1.0 - frac) + c as f64;
-            let h = hits as f64;
-            let mut wait = 0.0;
-            if est + h > max + SW_EPS {
+            let window = WindowAt::new(l.window_secs, now);
+            let counts = window.counts(stored_counts(m, &key, now));
+            let mut wait_secs = 0.0;
+            if window.estimate(counts) + hits as f64 > l.max as f64 + SW_EPS {
                 allowed = false;
-                let (cf, pf) = (c as f64, p as f64);
-                wait = if h > max {
-                    2.0 * w
-                } else if cf + h <= max {
-                    ((1.0 - (max - cf - h) / pf) - frac) * w
-                } else {
-                    (1.0 - frac) * w + (1.0 - (max - h) / cf).max(0.0) * w
-                };
-                retry = retry.max(wait);
+                wait_secs = window.wait_secs(counts, l.max, hits);
+                retry_secs = retry_secs.max(wait_secs);
             }
-            st.push((key, l.window_secs, l.max, idx, c, p, est, wait));
+            limits.push(Limit {
+                key,
+                max: l.max,
+                window,
+                counts,
+                wait_secs,
+            });
         }
-        let mut rows = Vec::with_capacity(st.len());
-        let mut resets = Vec::with_capacity(st.len());
-        for (key, w, max, idx, c, p, est, wait) in st {
-            let mut est = est;
-            let mut c = c;
+        let mut states = Vec::with_capacity(limits.len());
+        let mut resets = Vec::with_capacity(limits.len());
+        for mut l in limits {
             if allowed || op.force {
-                est += hits as f64;
-                c += hits;
+                l.counts.current += hits;
                 m.insert(
-                    key,
-                    Slot {
-                        entry: Entry::Sw { i: idx, c, p },
-                        expires_us: now_us + (w * 2_000_000) as f64,
+                    l.key,
+                    Entry {
+                        value: Value::Window(l.counts),
+                        expires_ns: l.window.expiry(now),
                     },
                 );
             }
-            let rem = (max as f64 - est + 1e-9).floor().max(0.0) as u64;
-            rows.push((rem, wait, w));
-            resets.push(sw_full_at(c, p, idx, w, now));
+            let est = l.window.estimate(l.counts);
+            states.push(LimitState {
+                remaining: (l.max as f64 - est + SW_EPS).floor().max(0.0) as u64,
+                wait: l.wait_secs,
+                window_secs: l.window.secs,
+            });
+            resets.push(l.window.full_at(l.counts, now));
         }
-        let t = describe(allowed, &rows);
+        let t = describe(allowed, &states);
         CheckOutcome {
             allowed,
             tightest: t,
-            remaining: rows[t].0,
+            remaining: states[t].remaining,
             reset_at: resets[t],
             retry_after_ms: if allowed {
                 0
             } else {
-                (retry * 1000.0).ceil() as u64
+                (retry_secs * 1000.0).ceil() as u64
             },
         }
     }
 
-    /// Token bucket with the filter's own GCRA (`meshlimit_core::gcra`), in integer
-    /// nanoseconds; the Lua script does the same math on the Redis clock.
-    fn tb_check(&self, m: &mut HashMap<String, Slot>, op: &CheckOp, now_us: f64) -> CheckOutcome {
-        let now = (now_us * 1000.0) as u64;
+    /// Token bucket with the filter's own GCRA (`meshlimit_core::gcra`); the Lua script
+    /// does the same math on the Redis clock.
+    fn tb_check(&self, m: &mut Shard, op: &CheckOp, now: u64) -> CheckOutcome {
         let limits: Option<Vec<Limit>> = op
             .limits
             .iter()
@@ -249,113 +382,100 @@ impl MemoryStore {
             .iter()
             .map(|l| self.keys.tb_key(&op.tag, l.window_secs, l.max, l.burst))
             .collect();
-        let mut tats: Vec<u64> = keys
-            .iter()
-            .map(|k| match m.get(k) {
-                Some(Slot {
-                    entry: Entry::Tb { tat_ns },
-                    expires_us,
-                }) if *expires_us > now_us => *tat_ns,
-                _ => 0,
-            })
-            .collect();
-        // Each limit's wait for this request, from the timestamps before the check.
-        let waits: Vec<f64> = limits
+        let mut tats: Vec<u64> = keys.iter().map(|k| stored_tat(m, k, now)).collect();
+        // Each limit on its own, from the timestamps before the check: how long it keeps
+        // this request out (what the headers name the tightest limit by).
+        let waits: Vec<u64> = limits
             .iter()
             .zip(&tats)
             .map(|(l, &t)| {
-                let new = t
-                    .max(now)
-                    .saturating_add(l.interval_ns.saturating_mul(op.hits));
-                new.saturating_sub(now.saturating_add(l.depth_ns)) as f64
+                gcra::check(std::slice::from_ref(l), &mut [t], now, op.hits).retry_after_ns
             })
             .collect();
-        let d = gcra::check(&limits, &mut tats, now, op.hits);
-        if !d.allowed && op.force {
-            // Reconciliation: charge what a fallback already admitted, capped at empty.
-            for (t, l) in tats.iter_mut().zip(&limits) {
-                let horizon = now.saturating_add(l.depth_ns);
-                *t = (*t)
-                    .max(now)
-                    .saturating_add(l.interval_ns.saturating_mul(op.hits))
-                    .min(horizon);
-            }
-        }
-        if d.changed || op.force {
-            for (k, &tat_ns) in keys.iter().zip(&tats) {
-                if tat_ns > now {
-                    let slot = Slot {
-                        entry: Entry::Tb { tat_ns },
-                        expires_us: tat_ns as f64 / 1000.0,
+        // Reconciliation charges what a fallback already admitted, even over the limit.
+        let d = if op.force {
+            gcra::force(&limits, &mut tats, now, op.hits)
+        } else {
+            gcra::check(&limits, &mut tats, now, op.hits)
+        };
+        if d.changed {
+            for (k, &tat) in keys.iter().zip(&tats) {
+                if tat > now {
+                    let e = Entry {
+                        value: Value::Tat(tat),
+                        expires_ns: tat,
                     };
-                    m.insert(k.clone(), slot);
+                    m.insert(k.clone(), e);
                 }
             }
         }
-        let rows: Vec<(u64, f64, u64)> = limits
+        let states: Vec<LimitState<u64>> = limits
             .iter()
             .zip(&tats)
             .zip(&waits)
             .map(|((l, &t), &wait)| {
                 let left = now.saturating_add(l.depth_ns).saturating_sub(t.max(now));
-                (left / l.interval_ns, wait, l.window_secs)
+                LimitState {
+                    remaining: left / l.interval_ns,
+                    wait,
+                    window_secs: l.window_secs,
+                }
             })
             .collect();
-        let t = describe(d.allowed, &rows);
+        let t = describe(d.allowed, &states);
         CheckOutcome {
             allowed: d.allowed,
             tightest: t,
-            remaining: rows[t].0,
-            reset_at: tats[t].max(now).div_ceil(1_000_000_000),
-            retry_after_ms: d.retry_after_ns.div_ceil(1_000_000),
+            remaining: states[t].remaining,
+            reset_at: tats[t].max(now).div_ceil(NS_PER_SEC),
+            retry_after_ms: d.retry_after_ns.div_ceil(NS_PER_MS),
         }
     }
 
+    /// One sync entry at `now` (Unix nanoseconds): the global count, then `proxy`'s
+    /// share.
     pub fn sync_one(
         &self,
         proxy: &str,
         op: &SyncOp,
         params: &ShareParams,
-        now_us: f64,
+        now: u64,
     ) -> ItemResult<SyncOutcome> {
         let mut m = self.shard(&op.tag).lock();
-        if self.full(&mut m, now_us) {
+        if self.full(&mut m, now) {
             return Err(StoreError::Failed("in-memory store is full".into()));
         }
-        let now = now_us / 1e6;
-        let w = op.window_secs;
-        let idx = (now / w as f64).floor() as i64;
-        let key = self.keys.sw_key(&op.tag, w);
-        let (c, p) = sw_counts(&m, &key, idx, now_us);
-        let c = c + op.admitted;
+        let window = WindowAt::new(op.window_secs, now);
+        let key = self.keys.sw_key(&op.tag, op.window_secs);
+        let mut counts = window.counts(stored_counts(&m, &key, now));
+        counts.current += op.admitted;
         m.insert(
             key,
-            Slot {
-                entry: Entry::Sw { i: idx, c, p },
-                expires_us: now_us + (w * 2_000_000) as f64,
+            Entry {
+                value: Value::Window(counts),
+                expires_ns: window.expiry(now),
             },
         );
-        let frac = (now - idx as f64 * w as f64) / w as f64;
-        let used = (p as f64 * (1.0 - frac) + c as f64 + 1e-9).floor() as u64;
+        let used = (window.estimate(counts) + SW_EPS).floor() as u64;
 
-        let skey = self.keys.share_key(&op.tag, w);
-        let now_ms = (now_us / 1000.0) as u64;
-        let slot = m.entry(skey).or_insert_with(|| Slot {
-            entry: Entry::Shares(HashMap::new()),
-            expires_us: 0.0,
+        let peers_key = self.keys.share_key(&op.tag, op.window_secs);
+        let entry = m.entry(peers_key).or_insert_with(|| Entry {
+            value: Value::Peers(HashMap::new()),
+            expires_ns: 0,
         });
-        if slot.expires_us <= now_us {
-            slot.entry = Entry::Shares(HashMap::new());
+        if entry.expires_ns <= now {
+            entry.value = Value::Peers(HashMap::new());
         }
-        slot.expires_us = now_us + (params.ttl_ms * 2000) as f64;
-        let weight = match &mut slot.entry {
-            Entry::Shares(peers) => allocate(peers, proxy, op.rate, now_ms, params),
+        // Kept two share TTLs, like the shares in the Redis hash.
+        entry.expires_ns = now.saturating_add(params.ttl_ms.saturating_mul(2 * NS_PER_MS));
+        let weight = match &mut entry.value {
+            Value::Peers(peers) => allocate(peers, proxy, op.rate, now / NS_PER_MS, params),
             _ => 0.0,
         };
         Ok(SyncOutcome {
             used,
             remaining: op.max.saturating_sub(used),
-            reset_at: sw_full_at(c, p, idx, w, now),
+            reset_at: window.full_at(counts, now),
             // Same rounding as the script: never report more than was granted.
             weight: (weight * 1e9).floor() / 1e9,
         })
@@ -368,8 +488,13 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    async fn start(&self) -> Result<(), StoreError> {
+        self.start_sweeping(SWEEP_EVERY);
+        Ok(())
+    }
+
     async fn check(&self, algo: Algorithm, ops: &[CheckOp]) -> Vec<ItemResult<CheckOutcome>> {
-        let now = now_us();
+        let now = now_ns();
         ops.iter().map(|op| self.check_one(algo, op, now)).collect()
     }
 
@@ -379,7 +504,7 @@ impl Store for MemoryStore {
         ops: &[SyncOp],
         params: &ShareParams,
     ) -> Vec<ItemResult<SyncOutcome>> {
-        let now = now_us();
+        let now = now_ns();
         ops.iter()
             .map(|op| self.sync_one(proxy, op, params, now))
             .collect()
@@ -391,217 +516,4 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::StoreLimit;
-
-    fn op(limits: &[(u64, u64, u64)], hits: u64) -> CheckOp {
-        CheckOp {
-            tag: "c.r.x".into(),
-            limits: limits
-                .iter()
-                .map(|&(window_secs, max, burst)| StoreLimit {
-                    window_secs,
-                    max,
-                    burst,
-                })
-                .collect(),
-            hits,
-            force: false,
-        }
-    }
-
-    #[test]
-    fn sliding_window_multi_limit_all_or_nothing() {
-        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
-        // Start of a 10 s window so the previous window weighs nothing.
-        let t0 = 1_000_000_000.0 * 1e6;
-        let o = op(&[(10, 5, 5), (100, 7, 7)], 1);
-        for i in 0..5 {
-            let r = s
-                .check_one(Algorithm::SlidingWindow, &o, t0 + i as f64)
-                .unwrap();
-            assert!(r.allowed);
-            assert_eq!(r.remaining, 4 - i);
-        }
-        let r = s
-            .check_one(Algorithm::SlidingWindow, &o, t0 + 10.0)
-            .unwrap();
-        assert!(!r.allowed && r.retry_after_ms > 0 && r.tightest == 0);
-        // Next window: the first limit has room but the 100 s one only has 2: all or nothing.
-        let t1 = t0 + 10e6 * 2.0;
-        let big = op(&[(10, 5, 5), (100, 7, 7)], 3);
-        let r = s.check_one(Algorithm::SlidingWindow, &big, t1).unwrap();
-        assert!(!r.allowed, "{r:?}");
-        assert_eq!((r.tightest, r.remaining), (1, 2));
-        let r = s
-            .check_one(
-                Algorithm::SlidingWindow,
-                &op(&[(10, 5, 5), (100, 7, 7)], 2),
-                t1,
-            )
-            .unwrap();
-        assert!(r.allowed);
-        assert_eq!(r.remaining, 0);
-    }
-
-    #[test]
-    fn token_bucket_refills() {
-        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
-        let t0 = 1_000_000_000.0 * 1e6;
-        let o = op(&[(1, 10, 10)], 1);
-        for _ in 0..10 {
-            assert!(s.check_one(Algorithm::TokenBucket, &o, t0).unwrap().allowed);
-        }
-        let r = s.check_one(Algorithm::TokenBucket, &o, t0).unwrap();
-        assert!(!r.allowed);
-        assert_eq!(r.retry_after_ms, 100);
-        assert!(
-            s.check_one(Algorithm::TokenBucket, &o, t0 + 100_000.0)
-                .unwrap()
-                .allowed
-        );
-    }
-
-    #[test]
-    fn token_bucket_force_charges_up_to_empty_and_no_further() {
-        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
-        let t0 = 1_000_000_000.0 * 1e6;
-        // 10/s: 4 used, then a reconciliation of 20 already-admitted hits.
-        assert!(
-            s.check_one(Algorithm::TokenBucket, &op(&[(1, 10, 10)], 4), t0)
-                .unwrap()
-                .allowed
-        );
-        let forced = CheckOp {
-            force: true,
-            ..op(&[(1, 10, 10)], 20)
-        };
-        let r = s.check_one(Algorithm::TokenBucket, &forced, t0).unwrap();
-        assert!(
-            !r.allowed,
-            "more than the bucket holds is reported as refused"
-        );
-        assert_eq!(r.remaining, 0);
-        // Charged to empty, not beyond: one token is back after 100 ms.
-        let o = op(&[(1, 10, 10)], 1);
-        assert!(
-            !s.check_one(Algorithm::TokenBucket, &o, t0 + 50_000.0)
-                .unwrap()
-                .allowed
-        );
-        assert!(
-            s.check_one(Algorithm::TokenBucket, &o, t0 + 100_000.0)
-                .unwrap()
-                .allowed
-        );
-    }
-
-    /// Exact retry times: at `now + retry_after_ms` the same request is admitted, 1 ms
-    /// before it is not; at `reset_at` a request for the whole limit is admitted, 1 ms
-    /// before it is not.
-    fn assert_retry_and_reset_are_true(algo: Algorithm, lim: (u64, u64, u64), t0: f64) {
-        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
-        let one = op(&[lim], 1);
-        let full = op(&[lim], lim.1);
-        let ms = 1000.0;
-        // Fill up, then the next one is refused.
-        let mut r = s.check_one(algo, &one, t0).unwrap();
-        while r.allowed {
-            r = s.check_one(algo, &one, t0).unwrap();
-        }
-        assert!(r.retry_after_ms > 0, "{r:?}");
-        let retry_at = t0 + r.retry_after_ms as f64 * ms;
-        // (A refused check changes nothing, so both probes see the same state.)
-        assert!(
-            !s.check_one(algo, &one, retry_at - ms).unwrap().allowed,
-            "{algo:?}: admitted 1 ms before retry_after"
-        );
-        assert!(
-            s.check_one(algo, &one, retry_at).unwrap().allowed,
-            "{algo:?}: refused at retry_after"
-        );
-        // reset_at: the whole limit fits then and not 1 ms before.
-        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
-        let r = s.check_one(algo, &one, t0).unwrap();
-        assert!(r.allowed);
-        let reset_us = r.reset_at as f64 * 1e6;
-        assert!(reset_us > t0, "{r:?}");
-        assert!(
-            !s.check_one(algo, &full, reset_us - ms).unwrap().allowed,
-            "{algo:?}: whole limit fit 1 ms before reset_at"
-        );
-        assert!(
-            s.check_one(algo, &full, reset_us).unwrap().allowed,
-            "{algo:?}: whole limit refused at reset_at"
-        );
-    }
-
-    #[test]
-    fn retry_after_and_reset_at_name_the_time_a_retry_succeeds() {
-        // Whole-second starts, 0.2 s into a window, and a start with microseconds.
-        for t0 in [
-            1_000_000_000.0e6,
-            1_000_000_000.2e6,
-            1_000_000_001.234_567e6,
-        ] {
-            // The retry of a sliding window lands mid-window (the previous count decays).
-            assert_retry_and_reset_are_true(Algorithm::SlidingWindow, (10, 5, 5), t0);
-            assert_retry_and_reset_are_true(Algorithm::SlidingWindow, (2, 2, 2), t0);
-            assert_retry_and_reset_are_true(Algorithm::SlidingWindow, (60, 7, 7), t0);
-            // Token bucket: whole-second reset_at is rounded up from the bucket's time,
-            // so "1 ms before" holds only when the timestamp is on a whole second.
-            if t0 % 1e6 == 0.0 {
-                assert_retry_and_reset_are_true(Algorithm::TokenBucket, (2, 1, 1), t0);
-                assert_retry_and_reset_are_true(Algorithm::TokenBucket, (10, 5, 5), t0);
-            }
-        }
-    }
-
-    #[test]
-    fn sliding_window_retry_within_the_window_when_the_previous_count_decays() {
-        let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
-        let w0 = 1_000_000_000.0e6; // a 10 s window boundary
-                                    // 4 hits late in one window; in the next, halfway, 4 more do not fit (2 + 4 > 5).
-        assert!(
-            s.check_one(Algorithm::SlidingWindow, &op(&[(10, 5, 5)], 4), w0 + 9.9e6)
-                .unwrap()
-                .allowed
-        );
-        let four = op(&[(10, 5, 5)], 4);
-        let r = s
-            .check_one(Algorithm::SlidingWindow, &four, w0 + 15e6)
-            .unwrap();
-        assert!(!r.allowed);
-        // The previous 4 weigh 4·(1 − f); 4 more fit once that is 1: f = 0.75, 2.5 s on.
-        assert_eq!(r.retry_after_ms, 2500);
-        assert!(
-            !s.check_one(Algorithm::SlidingWindow, &four, w0 + 17.499e6)
-                .unwrap()
-                .allowed
-        );
-        assert!(
-            s.check_one(Algorithm::SlidingWindow, &four, w0 + 17.5e6)
-                .unwrap()
-                .allowed
-        );
-    }
-
-    #[test]
-    fn a_refusal_describes_the_limit_that_refused() {
-        for algo in [Algorithm::SlidingWindow, Algorithm::TokenBucket] {
-            let s = MemoryStore::new(KeyMaker::new("ml", b"k"), 1000);
-            let t0 = 1_000_000_000.0e6;
-            // 5 per second and 6 per hour: after 5, two more are refused by both; the
-            // second has more left (1 vs 0) but keeps them out far longer, so the
-            // answer describes it (a client waiting for the first would retry in vain).
-            let limits = [(1, 5, 5), (3600, 6, 6)];
-            assert!(s.check_one(algo, &op(&limits, 5), t0).unwrap().allowed);
-            let r = s.check_one(algo, &op(&limits, 2), t0 + 0.5e6).unwrap();
-            assert!(!r.allowed);
-            assert_eq!(r.remaining, 1, "{algo:?}: {r:?}");
-            assert_eq!(r.tightest, 1, "{algo:?}: {r:?}");
-            assert!(r.retry_after_ms > 60_000, "{algo:?}: {r:?}");
-        }
-    }
-}
+mod tests;

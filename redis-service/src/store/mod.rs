@@ -8,10 +8,14 @@
 pub mod memory;
 pub mod redis;
 
-use crate::config::Algorithm;
+use self::redis::{RedisOptions, RedisStore};
+use crate::config::{Algorithm, Config};
+use crate::keys::KeyMaker;
 use crate::shares::ShareParams;
 use async_trait::async_trait;
+use memory::MemoryStore;
 use std::fmt;
+use std::sync::Arc;
 
 /// One limit as the store sees it (copied out of `meshlimit_core::config::Limit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,6 +116,13 @@ pub type ItemResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
+    /// Connects and starts the store's own upkeep (the embedded store's sweep of expired
+    /// keys); called once, inside the runtime, before the first call. An error is not
+    /// final: calls connect again as needed, and the service starts degraded.
+    async fn start(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn check(&self, algo: Algorithm, ops: &[CheckOp]) -> Vec<ItemResult<CheckOutcome>>;
 
     async fn sync(
@@ -130,14 +141,25 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// Tightest limit: fewest left; on a tie the longer window (it takes longer to refill).
-pub fn tightest(rem: &[(u64, u64)]) -> usize {
-    let mut best = 0;
-    for (i, &(r, w)) in rem.iter().enumerate() {
-        let (br, bw) = rem[best];
-        if r < br || (r == br && w > bw) {
-            best = i;
-        }
+/// The store `cfg` names: one Redis node, a Redis Cluster, or the embedded store.
+/// Nothing is connected yet ([`Store::start`] does that). `reports` is the runtime the
+/// report connections are driven on (`None`: the caller's).
+pub fn from_config(
+    cfg: &Config,
+    keys: KeyMaker,
+    reports: Option<tokio::runtime::Handle>,
+) -> Result<Arc<dyn Store>, String> {
+    if let Some(url) = &cfg.redis_url {
+        let opts = RedisOptions::from_config(cfg, reports)?;
+        Ok(Arc::new(RedisStore::single(url, opts, keys)?))
+    } else if !cfg.redis_cluster.is_empty() {
+        let opts = RedisOptions::from_config(cfg, reports)?;
+        Ok(Arc::new(RedisStore::cluster(
+            &cfg.redis_cluster,
+            opts,
+            keys,
+        )?))
+    } else {
+        Ok(Arc::new(MemoryStore::new(keys, memory::MAX_KEYS)))
     }
-    best
 }

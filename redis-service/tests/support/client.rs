@@ -1,5 +1,5 @@
-//! A small HTTP client for the bench command and the integration tests (hyper, keep-alive
-//! connection pool). Not used by the service itself.
+//! A small HTTP client for the integration tests and the bench command
+//! (`src/bin/bench.rs` includes this file), on hyper with a keep-alive connection pool.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
