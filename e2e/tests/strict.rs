@@ -275,3 +275,30 @@ fn concurrent_bursts_on_two_envoys_never_exceed_the_limit() {
 fn concurrent_bursts_on_two_envoys_never_exceed_the_limit_on_the_companion() {
     concurrent_bursts(&Backend::companion("test-token"));
 }
+
+/// A cheaper rule before the strict one in its chain sheds a flood locally: what it
+/// refuses makes no callout.
+#[test]
+fn a_rule_before_a_strict_one_sheds_without_a_callout() {
+    let peer = Peer::start(grant(), StrictBehaviour::Allow);
+    let upstream = Upstream::start();
+    let cfg = format!(
+        r#"{{"service":{{"cluster":"meshlimit_service","token_env":"{TOKEN_ENV}"}},"rules":[
+          {{"id":"shed","priority":1,"match":{{"path":"/pay"}},"key":["header:x-api-key"],"scope":"local","limits":[{{"window":"1m","max":5}}],"continue":true}},
+          {{"id":"pay","match":{{"path":"/pay"}},"key":["header:x-api-key"],"scope":"strict","limits":[{{"window":"1m","max":100}}]}}]}}"#
+    );
+    let envoy = envoy(&cfg, &peer, &upstream);
+    let mut c = envoy.client();
+    let answers: Vec<_> = (0..10).map(|_| c.send(&pay("flood"))).collect();
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    assert_eq!(ok, 5);
+    for r in &answers[5..] {
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["rule"], "shed");
+    }
+    assert_eq!(
+        peer.stricts(),
+        5,
+        "only what the first rule admitted was checked"
+    );
+}

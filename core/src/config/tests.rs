@@ -932,3 +932,20 @@ fn windows_with_multi_byte_characters_are_refused_not_a_panic() {
     assert!(parse_window("18446744073709551615s").is_err());
     assert!(parse_window("99999999999d").is_err());
 }
+
+#[test]
+fn a_strict_rule_may_end_a_chain_a_cheaper_rule_starts() {
+    let json = r#"{"service":{"cluster":"c","token":"t"},"rules":[
+      {"id":"shed","priority":1,"match":{"path":"/pay"},"limits":[{"window":"1m","max":100}],"continue":true},
+      {"id":"pay","match":{"path":"/pay"},"scope":"strict","limits":[{"window":"1m","max":20}]}]}"#;
+    let c = parse(json.as_bytes()).unwrap();
+    let chain: Vec<_> = c
+        .rules
+        .iter()
+        .map(|r| (r.id.as_str(), r.scope, r.continues))
+        .collect();
+    assert_eq!(
+        chain,
+        [("shed", Scope::Global, true), ("pay", Scope::Strict, false)]
+    );
+}
