@@ -14,8 +14,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshlimit_core::config;
-use meshlimit_core::json::{check_one_object, parse};
 use meshlimit_core::protocol::{CheckRequest, StrictRequest, SyncReport, SyncRequest};
+use meshlimit_core::json::{check_one_object, parse};
 use meshlimit_fuzz::config_checks;
 use meshlimit_fuzz::json_tree::Tree;
 use serde::de::DeserializeOwned;
