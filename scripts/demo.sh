@@ -5,8 +5,8 @@
 #   scripts/demo.sh --check   build, start, send requests, show the 429s, stop
 #
 # Listener 127.0.0.1:10000, Envoy admin 127.0.0.1:9901, upstream 127.0.0.1:10080, the
-# companion service (in-memory store) on 127.0.0.1:8080 (see envoy/envoy.yaml; the filter
-# does not call the companion yet). Logs go to .run/demo/.
+# companion service (in-memory store) on 127.0.0.1:8080, which the filter syncs its
+# global rule with (see envoy/envoy.yaml). Logs go to .run/demo/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,9 +66,14 @@ trap 'exit 143' TERM
 say "starting demo-upstream (:$UPSTREAM_PORT), the companion (:$SERVICE_PORT) and Envoy (:$LISTEN_PORT)"
 target/release/demo-upstream --port "$UPSTREAM_PORT" >"$RUN_DIR/upstream.log" 2>&1 &
 PIDS+=($!)
-# In-memory store, no auth: loopback-only demo.
-target/release/meshlimit-service --listen "127.0.0.1:$SERVICE_PORT" --insecure-no-auth \
-  >"$RUN_DIR/service.log" 2>&1 &
+# In-memory store, with a bearer token made for this run: the filter reads it from
+# Envoy's environment (ML_TOKEN, envoy/envoy.yaml host_env_keys), the companion from a
+# file only this user can read.
+ML_TOKEN="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export ML_TOKEN
+(umask 077 && printf '%s\n' "$ML_TOKEN" >"$RUN_DIR/token")
+target/release/meshlimit-service --listen "127.0.0.1:$SERVICE_PORT" \
+  --token-file "$RUN_DIR/token" >"$RUN_DIR/service.log" 2>&1 &
 PIDS+=($!)
 # They run as children of this script, which waits for them: Envoy stops when the demo
 # stops, and is never left running in the background of an interactive shell.
@@ -129,7 +134,8 @@ if [[ $CHECK == 1 ]]; then
   say "the companion (in-memory store): a proxy's usage report to POST /v1/sync"
   sync='{"proxy_id":"demo-envoy","zone":"az1","interval_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","limits":[{"window_secs":60,"max":100,"burst":100}],"admitted":5,"span_ms":1000}]}'
   echo "  > $sync"
-  answer="$(curl -s -X POST -H 'content-type: application/json' -d "$sync" \
+  answer="$(curl -s -X POST -H 'content-type: application/json' \
+    -H "authorization: Bearer $ML_TOKEN" -d "$sync" \
     "http://127.0.0.1:$SERVICE_PORT/v1/sync")"
   echo "  < $answer"
   if [[ "$answer" != *'"shares"'* ]]; then
@@ -149,7 +155,7 @@ cat <<EOF
 
 Envoy with meshlimit is listening on http://127.0.0.1:$LISTEN_PORT (admin :$ADMIN_PORT).
 Logs: $RUN_DIR/envoy.log, $RUN_DIR/upstream.log, $RUN_DIR/service.log
-Companion service (in-memory store, no auth: loopback demo only): http://127.0.0.1:$SERVICE_PORT
+Companion service (in-memory store): http://127.0.0.1:$SERVICE_PORT, bearer token in $RUN_DIR/token
 
 Try it (another terminal):
 
@@ -169,6 +175,7 @@ Try it (another terminal):
 
   # the companion: a proxy's usage report and the share it gets back
   curl -s -X POST localhost:$SERVICE_PORT/v1/sync -H 'content-type: application/json' \\
+    -H "authorization: Bearer \$(cat $RUN_DIR/token)" \\
     -d '{"proxy_id":"envoy-a","interval_ms":1000,"entries":[{"rule":"api","key":"00000000000000aa","limits":[{"window_secs":60,"max":100,"burst":100}],"admitted":5,"span_ms":1000}]}'
 
 Ctrl-C stops everything.

@@ -76,6 +76,43 @@ pub fn add_response_header(name: &str, value: &str) {
     let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value);
 }
 
+/// Lets a request paused in `on_http_request_headers` go on (after a strict check).
+pub fn resume_request() {
+    let _ = hostcalls::resume_http_request();
+}
+
+// --- callouts to the companion ------------------------------------------------------
+
+/// Sends an HTTP request to an Envoy cluster; its answer arrives in the calling
+/// context's `on_http_call_response` with the returned token. `Err` at once when Envoy
+/// has no such cluster (or refuses the headers).
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: Vec<(&str, &str)>,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<u32, ()> {
+    hostcalls::dispatch_http_call(cluster, headers, Some(body), Vec::new(), timeout).map_err(|_| ())
+}
+
+/// `:status` of the callout answer being delivered (Envoy's own 503 for a refused
+/// connection, 504 after the timeout); 0 if it has none or it does not parse.
+pub fn http_call_status() -> u32 {
+    hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The body of the callout answer being delivered, `size` bytes of it.
+pub fn http_call_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 // --- the VM ---------------------------------------------------------------------------
 
 /// The plugin configuration as Envoy holds it (empty when there is none).
@@ -84,6 +121,26 @@ pub fn plugin_configuration() -> Vec<u8> {
         .ok()
         .flatten()
         .unwrap_or_default()
+}
+
+/// A property of the proxy, e.g. `["xds", "node", "id"]` (the bootstrap's `node.id`).
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
+/// An environment variable of the VM (Envoy's `vm_config.environment_variables`,
+/// Istio's `vmConfig.env`), read through WASI; `None` when unset or not UTF-8.
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// A random number from the host (WASI `random_get`, through the standard library's
+/// hash seeds), for the per-start nonce of this Envoy.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ns());
+    h.finish()
 }
 
 /// Asks Envoy to call `on_tick` of this VM's root context every `period`.
@@ -99,4 +156,14 @@ pub fn define_counter(name: &str) -> Option<u32> {
 /// Adds `n` to an Envoy counter.
 pub fn increment_counter(id: u32, n: u64) {
     let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+/// Defines (or finds) an Envoy gauge.
+pub fn define_gauge(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Gauge, name).ok()
+}
+
+/// Sets an Envoy gauge.
+pub fn set_gauge(id: u32, value: u64) {
+    let _ = hostcalls::record_metric(id, value);
 }

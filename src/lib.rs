@@ -14,6 +14,8 @@ mod host;
 mod http;
 mod metrics;
 mod root;
+mod service;
+mod sync;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);

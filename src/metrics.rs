@@ -1,4 +1,4 @@
-//! Counters kept in the VM and flushed to Envoy on each tick.
+//! Counters (and two gauges) kept in the VM and flushed to Envoy on each tick.
 //!
 //! Incrementing an Envoy metric is a host call; doing it per request would add one
 //! more crossing to the request path. Each VM instead counts in plain memory and adds
@@ -25,9 +25,38 @@ pub enum Counter {
     BadPath,
     /// A client key header came more than once: answered 400.
     RepeatedKeyHeader,
+    /// A global (or strict) rule decided a request by its failure mode `local`, `open`
+    /// or `closed`: the companion was unreachable.
+    FailureModeLocal,
+    FailureModeOpen,
+    FailureModeClosed,
+    /// Reports to the companion answered with a valid answer, and the others (no
+    /// answer in time, a refused connection, a status other than 200, a body that is
+    /// not a valid answer for the report).
+    SyncOk,
+    SyncFailed,
+    /// Milliseconds from sending a report to its answer (ok or failed), summed: with
+    /// `SyncOk + SyncFailed`, the mean sync latency.
+    SyncLatencyMs,
+    /// Keys carried by reports that were sent.
+    SyncEntries,
+    /// Keys not reported because a VM's candidate set or the proxy's outbox was full.
+    ReportDropped,
+    /// Grants from the companion written to their keys' entries.
+    GrantsApplied,
+    /// Whole seconds the companion was unreachable (the proxy ran on its failure modes),
+    /// counted by the VM that sends the reports.
+    FallbackSeconds,
+    /// Strict checks the companion answered (admitted, refused), and those it did not
+    /// answer (in time, or validly), by the rule's failure mode.
+    StrictAllowed,
+    StrictRejected,
+    StrictFailedOpen,
+    StrictFailedClosed,
+    StrictFailedLocal,
 }
 
-const N: usize = 8;
+const N: usize = 23;
 
 const COUNTERS: [(Counter, &str); N] = [
     (Counter::Allowed, "meshlimit_allowed_total"),
@@ -41,6 +70,56 @@ const COUNTERS: [(Counter, &str); N] = [
         Counter::RepeatedKeyHeader,
         "meshlimit_repeated_key_header_total",
     ),
+    (
+        Counter::FailureModeLocal,
+        "meshlimit_failure_mode_local_total",
+    ),
+    (
+        Counter::FailureModeOpen,
+        "meshlimit_failure_mode_open_total",
+    ),
+    (
+        Counter::FailureModeClosed,
+        "meshlimit_failure_mode_closed_total",
+    ),
+    (Counter::SyncOk, "meshlimit_sync_ok_total"),
+    (Counter::SyncFailed, "meshlimit_sync_failed_total"),
+    (Counter::SyncLatencyMs, "meshlimit_sync_latency_ms_total"),
+    (Counter::SyncEntries, "meshlimit_sync_entries_total"),
+    (Counter::ReportDropped, "meshlimit_report_dropped_total"),
+    (Counter::GrantsApplied, "meshlimit_grants_applied_total"),
+    (Counter::FallbackSeconds, "meshlimit_fallback_seconds_total"),
+    (Counter::StrictAllowed, "meshlimit_strict_allowed_total"),
+    (Counter::StrictRejected, "meshlimit_strict_rejected_total"),
+    (
+        Counter::StrictFailedOpen,
+        "meshlimit_strict_failed_open_total",
+    ),
+    (
+        Counter::StrictFailedClosed,
+        "meshlimit_strict_failed_closed_total",
+    ),
+    (
+        Counter::StrictFailedLocal,
+        "meshlimit_strict_failed_local_total",
+    ),
+];
+
+/// Gauges, set on the tick by the VM that sends the reports.
+#[derive(Clone, Copy, Debug)]
+pub enum Gauge {
+    /// Keys whose share is above the quiet level (re-reported every interval): the
+    /// shares in use that matter for accuracy.
+    TrackedKeys,
+    /// Live proxies, as the last answer said.
+    LiveProxies,
+}
+
+const G: usize = 2;
+
+const GAUGES: [(Gauge, &str); G] = [
+    (Gauge::TrackedKeys, "meshlimit_tracked_keys"),
+    (Gauge::LiveProxies, "meshlimit_live_proxies"),
 ];
 
 pub const CONFIG_ERRORS: &str = "meshlimit_config_errors_total";
@@ -48,6 +127,13 @@ pub const CONFIG_ERRORS: &str = "meshlimit_config_errors_total";
 thread_local! {
     static PENDING: [Cell<u64>; N] = Default::default();
     static IDS: Cell<Option<[u32; N]>> = const { Cell::new(None) };
+    static GAUGE_VALUES: [Cell<Option<u64>>; G] = Default::default();
+    static GAUGE_IDS: Cell<Option<[u32; G]>> = const { Cell::new(None) };
+}
+
+/// Sets a gauge (sent to Envoy on the next flush); no host call.
+pub fn set(g: Gauge, value: u64) {
+    GAUGE_VALUES.with(|v| v[g as usize].set(Some(value)));
 }
 
 /// Counts one event; no host call.
@@ -80,6 +166,14 @@ pub fn define() {
         }
     }
     IDS.with(|c| c.set(Some(ids)));
+    let mut gauge_ids = [0u32; G];
+    for (i, (_, name)) in GAUGES.iter().enumerate() {
+        match host::define_gauge(name) {
+            Some(id) => gauge_ids[i] = id,
+            None => return,
+        }
+    }
+    GAUGE_IDS.with(|c| c.set(Some(gauge_ids)));
     // Defined up front so that it shows (as 0) before anything goes wrong.
     let _ = host::define_counter(CONFIG_ERRORS);
 }
@@ -94,6 +188,16 @@ pub fn flush() {
             let n = cell.replace(0);
             if n > 0 {
                 host::increment_counter(ids[i], n);
+            }
+        }
+    });
+    let Some(gauge_ids) = GAUGE_IDS.with(|c| c.get()) else {
+        return;
+    };
+    GAUGE_VALUES.with(|v| {
+        for (i, cell) in v.iter().enumerate() {
+            if let Some(value) = cell.take() {
+                host::set_gauge(gauge_ids[i], value);
             }
         }
     });

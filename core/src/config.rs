@@ -12,6 +12,8 @@
 use serde::Deserialize;
 use std::fmt;
 
+use crate::gcra::SHARE_ONE;
+pub use crate::global::FailureMode;
 use crate::hash::Hasher64;
 
 /// More rules than this is a configuration mistake, not a policy (each request may be
@@ -106,12 +108,35 @@ struct RawConfig {
     xff_hop: Option<serde_json::Value>,
     #[serde(default)]
     max_clients: Option<u64>,
-    /// Reserved for the companion service (global scope); see README.
+    /// The companion service that global and strict rules talk to.
     #[serde(default)]
-    service: Option<serde_json::Value>,
-    /// Reserved for the companion service (what to do when it is unreachable).
+    service: Option<RawService>,
+    /// What global and strict rules do while the companion cannot be reached (each rule
+    /// may say otherwise).
     #[serde(default)]
-    failure_mode: Option<serde_json::Value>,
+    failure_mode: Option<FailureMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct RawService {
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_env: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    sync_interval_ms: Option<u64>,
+    #[serde(default)]
+    proxy_id: Option<String>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    fallback_share: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +154,8 @@ struct RawRule {
     shadow: bool,
     #[serde(default)]
     scope: Option<Scope>,
+    #[serde(default)]
+    failure_mode: Option<FailureMode>,
     #[serde(default, rename = "continue")]
     continues: bool,
 }
@@ -147,7 +174,9 @@ struct RawMatch {
 
 // Each record is read from a JSON object only (`[[]]` is not a configuration with no
 // rules, nor `[["id",0,...]]` a rule by position), each choice from a string only.
-crate::json::deserialize_strictly!(RawConfig, RawRule, RawMatch, RawLimit, HeaderMode, Scope);
+crate::json::deserialize_strictly!(
+    RawConfig, RawService, RawRule, RawMatch, RawLimit, HeaderMode, Scope
+);
 
 /// `match.headers`: names to exact values, in file order. A JSON object may repeat a
 /// name (serde's maps keep the last one silently); here a repeated name, or two names
@@ -220,15 +249,29 @@ impl HeaderMode {
     }
 }
 
-/// Where a rule's limits are enforced. Only `local` (this Envoy's workers share one set
-/// of buckets) is built; `global` is the companion service's, and is refused until the
-/// filter speaks to it.
+/// Where a rule's limits are enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(remote = "Self", rename_all = "kebab-case")]
 pub enum Scope {
+    /// This Envoy alone: its workers share one set of buckets.
     #[default]
     Local,
+    /// Across every proxy syncing with the companion: each decides locally at its share
+    /// of the limit (`docs/global-limits.md`). The default when a `service` is set.
     Global,
+    /// Each request waits for the companion's atomic decision in the store (one callout).
+    Strict,
+}
+
+impl Scope {
+    /// The name the configuration spells it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Local => "local",
+            Scope::Global => "global",
+            Scope::Strict => "strict",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +346,9 @@ pub struct Rule {
     pub limits: Vec<Limit>,
     pub shadow: bool,
     pub scope: Scope,
+    /// What the rule does while the companion is unreachable (global and strict rules;
+    /// `local` for a local rule, which never asks).
+    pub failure_mode: FailureMode,
     /// `continue`: after this rule applies, the next matching rule applies too (a per-key
     /// limit followed by a per-IP ceiling). Without it the first rule that applies is the
     /// last.
@@ -321,6 +367,167 @@ pub struct Config {
     pub headers: HeaderMode,
     /// Sets of bucket entries kept in shared data (a power of two); see [`crate::table`].
     pub sets: u32,
+    /// The companion service, when global or strict rules need one.
+    pub service: Option<Service>,
+}
+
+impl Config {
+    /// Some rule is global: the filter syncs with the companion every interval.
+    pub fn has_global(&self) -> bool {
+        self.rules.iter().any(|r| r.scope == Scope::Global)
+    }
+
+    /// Some rule talks to the companion (global or strict).
+    pub fn uses_service(&self) -> bool {
+        self.rules.iter().any(|r| r.scope != Scope::Local)
+    }
+}
+
+/// Where the companion's bearer token comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// In the configuration itself.
+    Inline(String),
+    /// The name of an environment variable of the VM (Envoy's
+    /// `vm_config.environment_variables`, Istio's `vmConfig.env`): the configuration can
+    /// then be shown to anyone, and a plugin cannot read files.
+    Env(String),
+}
+
+impl fmt::Debug for TokenSource {
+    // The token itself never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::Inline(_) => f.write_str("Inline(..)"),
+            TokenSource::Env(name) => write!(f, "Env({name:?})"),
+        }
+    }
+}
+
+/// The companion service block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// The Envoy cluster of the companion (Istio: `outbound|<port>||<host>`).
+    pub cluster: String,
+    /// `:authority` of the callouts; the cluster name unless set.
+    pub authority: String,
+    pub token: TokenSource,
+    /// How long a callout (sync or strict check) may take before it counts as failed.
+    pub timeout_ms: u64,
+    /// How often the proxy reports and refreshes its shares.
+    pub sync_interval_ms: u64,
+    /// Identity of this proxy; `None`: Envoy's `node.id`.
+    pub proxy_id: Option<String>,
+    /// Its zone; `None`: Envoy's `node.locality.zone`.
+    pub zone: Option<String>,
+    /// Share (parts per 10⁹) a global key runs at in `local` failure mode; `None`:
+    /// `1/n` of the last known number of live proxies.
+    pub fallback_share: Option<u32>,
+}
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 200;
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 1000;
+/// Shortest sync interval: each interval costs every proxy one callout, and the
+/// companion's work grows with proxies × keys ÷ interval.
+pub const MIN_SYNC_INTERVAL_MS: u64 = 100;
+/// Longest: the companion counts a proxy live for three intervals after a report.
+pub const MAX_SYNC_INTERVAL_MS: u64 = crate::protocol::MAX_INTERVAL_MS;
+pub const MAX_CLUSTER_LEN: usize = 256;
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// A configured `proxy_id` leaves room for the per-start nonce the filter appends
+/// (`/` and 8 hex digits) within the wire's bound.
+pub const MAX_CONFIGURED_PROXY_ID_LEN: usize = crate::protocol::MAX_PROXY_ID_LEN - 9;
+
+impl Service {
+    /// The bearer token, reading a `token_env` variable through `env` (`None`: unset).
+    /// An unset or empty variable, or a value that cannot go in a header, is refused
+    /// like any other configuration mistake.
+    pub fn resolve_token(
+        &self,
+        env: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<String, ConfigError> {
+        match &self.token {
+            TokenSource::Inline(t) => Ok(t.clone()),
+            TokenSource::Env(name) => {
+                let at = "service.token_env";
+                let value = env(name).ok_or_else(|| {
+                    ConfigError::new(
+                        at,
+                        format!("the VM environment variable {name:?} is not set (Envoy: vm_config.environment_variables; Istio: vmConfig.env)"),
+                    )
+                })?;
+                let value = value.trim().to_string();
+                if value.is_empty() {
+                    return Err(ConfigError::new(
+                        at,
+                        format!("the VM environment variable {name:?} is empty"),
+                    ));
+                }
+                check_token(at, &value, &format!("the value of {name:?}"))?;
+                Ok(value)
+            }
+        }
+    }
+
+    /// This proxy's id and zone: the configured ones, else what Envoy says
+    /// (`xds.node.id`, `xds.node.locality.zone`). No id at all is refused.
+    pub fn resolve_identity(
+        &self,
+        node_id: Option<&[u8]>,
+        node_zone: Option<&[u8]>,
+    ) -> Result<(String, String), ConfigError> {
+        let id = match &self.proxy_id {
+            Some(id) => id.clone(),
+            None => {
+                let raw = node_id.filter(|v| !v.is_empty()).ok_or_else(|| {
+                    ConfigError::new(
+                        "service.proxy_id",
+                        "not set, and Envoy has no node.id to use instead: set service.proxy_id or the bootstrap's node.id",
+                    )
+                })?;
+                let id = std::str::from_utf8(raw)
+                    .ok()
+                    .filter(|s| valid_label(s, MAX_CONFIGURED_PROXY_ID_LEN))
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "service.proxy_id",
+                            format!("not set, and Envoy's node.id is not usable as one (1..={MAX_CONFIGURED_PROXY_ID_LEN} printable ASCII characters, no space): set service.proxy_id"),
+                        )
+                    })?;
+                id.to_string()
+            }
+        };
+        let zone = match &self.zone {
+            Some(z) => z.clone(),
+            None => node_zone
+                .and_then(|z| std::str::from_utf8(z).ok())
+                .filter(|z| z.is_empty() || valid_label(z, crate::protocol::MAX_ZONE_LEN))
+                .unwrap_or("")
+                .to_string(),
+        };
+        Ok((id, zone))
+    }
+}
+
+/// 1..=`max` bytes of printable ASCII without space: ids, zones, clusters, authorities.
+fn valid_label(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn check_token(at: &str, token: &str, what: &str) -> Result<(), ConfigError> {
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return Err(ConfigError::new(
+            at,
+            format!("{what} must be 1..={MAX_TOKEN_LEN} bytes"),
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            at,
+            format!("{what} may only hold printable ASCII without spaces (it goes in an Authorization header)"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn default_key() -> Vec<KeySource> {
@@ -334,14 +541,23 @@ pub fn default_key() -> Vec<KeySource> {
 /// Parses and validates a whole configuration.
 pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
     let raw: RawConfig = from_json(json)?;
-    compile(raw)
+    compile(raw, Reader::Filter)
 }
 
 /// Parses and validates just a list of rules (the companion's rules file and
 /// `PUT /rate-limits/rules`), accepting either `{"rules": [...]}` or a whole plugin
 /// configuration.
 pub fn parse_rules(json: &[u8]) -> Result<Vec<Rule>, ConfigError> {
-    parse(json).map(|c| c.rules)
+    let raw: RawConfig = from_json(json)?;
+    compile(raw, Reader::Companion).map(|c| c.rules)
+}
+
+/// Who reads a configuration: the companion's rules file names rules of any scope
+/// without a `service` block (it *is* the service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    Filter,
+    Companion,
 }
 
 fn from_json<T: for<'de> Deserialize<'de>>(json: &[u8]) -> Result<T, ConfigError> {
@@ -362,19 +578,24 @@ fn from_json<T: for<'de> Deserialize<'de>>(json: &[u8]) -> Result<T, ConfigError
     Ok(value)
 }
 
-fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
-    if raw.service.is_some() {
-        return Err(ConfigError::new(
-            "service",
-            "the companion service block is reserved and not supported by this filter version",
-        ));
-    }
-    if raw.failure_mode.is_some() {
+fn compile(raw: RawConfig, reader: Reader) -> Result<Config, ConfigError> {
+    let service = raw.service.map(compile_service).transpose()?;
+    let needs_service = reader == Reader::Filter && service.is_none();
+    if raw.failure_mode.is_some() && needs_service {
         return Err(ConfigError::new(
             "failure_mode",
-            "reserved for the companion service and not supported by this filter version",
+            "applies to global and strict rules, which need a \"service\" block (the companion); without one every rule is local",
         ));
     }
+    let defaults = RuleDefaults {
+        scope: if service.is_some() {
+            Scope::Global
+        } else {
+            Scope::Local
+        },
+        failure_mode: raw.failure_mode.unwrap_or_default(),
+        needs_service,
+    };
     if raw.rules.len() > MAX_RULES {
         return Err(ConfigError::new(
             "rules",
@@ -389,7 +610,7 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut rules = Vec::with_capacity(raw.rules.len());
     for (i, r) in raw.rules.into_iter().enumerate() {
-        let rule = compile_rule(&format!("rules[{i}]"), r)?;
+        let rule = compile_rule(&format!("rules[{i}]"), r, &defaults)?;
         if let Some(j) = rules.iter().position(|o: &Rule| o.id == rule.id) {
             return Err(ConfigError::new(
                 format!("rules[{i}].id"),
@@ -425,10 +646,124 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         rules,
         headers: raw.headers.unwrap_or_default(),
         sets: crate::table::sets_for(max_clients),
+        service,
     })
 }
 
-fn compile_rule(at: &str, r: RawRule) -> Result<Rule, ConfigError> {
+fn compile_service(s: RawService) -> Result<Service, ConfigError> {
+    if !valid_label(&s.cluster, MAX_CLUSTER_LEN) {
+        return Err(ConfigError::new(
+            "service.cluster",
+            format!("{:?} is not an Envoy cluster name (1..={MAX_CLUSTER_LEN} printable ASCII characters, no space)", s.cluster),
+        ));
+    }
+    let authority = match s.authority {
+        None => s.cluster.clone(),
+        Some(a) if valid_label(&a, MAX_CLUSTER_LEN) => a,
+        Some(a) => {
+            return Err(ConfigError::new(
+                "service.authority",
+                format!("{a:?} is not a host name (1..={MAX_CLUSTER_LEN} printable ASCII characters, no space)"),
+            ))
+        }
+    };
+    let token = match (s.token, s.token_env) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "service.token",
+                "set either token or token_env, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                "service",
+                "the companion needs its bearer token: set token_env (the name of a VM environment variable holding it) or token",
+            ))
+        }
+        (Some(t), None) => {
+            check_token("service.token", &t, "the token")?;
+            TokenSource::Inline(t)
+        }
+        (None, Some(name)) => {
+            let valid = (1..=128).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !name.as_bytes()[0].is_ascii_digit();
+            if !valid {
+                return Err(ConfigError::new(
+                    "service.token_env",
+                    format!("{name:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, at most 128 characters)"),
+                ));
+            }
+            TokenSource::Env(name)
+        }
+    };
+    let interval = s.sync_interval_ms.unwrap_or(DEFAULT_SYNC_INTERVAL_MS);
+    if !(MIN_SYNC_INTERVAL_MS..=MAX_SYNC_INTERVAL_MS).contains(&interval) {
+        return Err(ConfigError::new(
+            "service.sync_interval_ms",
+            format!("{interval} is out of range {MIN_SYNC_INTERVAL_MS}..={MAX_SYNC_INTERVAL_MS}: each interval costs one callout per proxy, and the companion counts a proxy live for three of them"),
+        ));
+    }
+    let timeout = s.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout == 0 || timeout >= interval {
+        return Err(ConfigError::new(
+            "service.timeout_ms",
+            format!("{timeout} is out of range 1..{interval}: a sync must be answered or given up before the next one is due (sync_interval_ms {interval})"),
+        ));
+    }
+    if let Some(id) = &s.proxy_id {
+        if !valid_label(id, MAX_CONFIGURED_PROXY_ID_LEN) {
+            return Err(ConfigError::new(
+                "service.proxy_id",
+                format!("must be 1..={MAX_CONFIGURED_PROXY_ID_LEN} printable ASCII characters, no space (the filter appends a per-start nonce)"),
+            ));
+        }
+    }
+    if let Some(z) = &s.zone {
+        if !z.is_empty() && !valid_label(z, crate::protocol::MAX_ZONE_LEN) {
+            return Err(ConfigError::new(
+                "service.zone",
+                format!(
+                    "must be at most {} printable ASCII characters, no space",
+                    crate::protocol::MAX_ZONE_LEN
+                ),
+            ));
+        }
+    }
+    let fallback_share = match s.fallback_share {
+        None => None,
+        Some(f) if f.is_finite() && f > 0.0 && f <= 1.0 => {
+            let parts = (f * f64::from(SHARE_ONE)).round() as u32;
+            Some(parts.clamp(1, SHARE_ONE))
+        }
+        Some(f) => {
+            return Err(ConfigError::new(
+                "service.fallback_share",
+                format!("{f} is out of range (0, 1]: the part of each global limit this proxy enforces while the companion is unreachable"),
+            ))
+        }
+    };
+    Ok(Service {
+        cluster: s.cluster,
+        authority,
+        token,
+        timeout_ms: timeout,
+        sync_interval_ms: interval,
+        proxy_id: s.proxy_id,
+        zone: s.zone,
+        fallback_share,
+    })
+}
+
+/// What a rule gets when it says nothing.
+struct RuleDefaults {
+    scope: Scope,
+    failure_mode: FailureMode,
+    /// A global or strict rule is refused (the filter has no `service` block).
+    needs_service: bool,
+}
+
+fn compile_rule(at: &str, r: RawRule, defaults: &RuleDefaults) -> Result<Rule, ConfigError> {
     check_id(&format!("{at}.id"), &r.id)?;
     let matcher = compile_match(&format!("{at}.match"), r.matcher)?;
     let key = match r.key {
@@ -492,19 +827,50 @@ fn compile_rule(at: &str, r: RawRule) -> Result<Rule, ConfigError> {
         }
         limits.push(limit);
     }
-    let scope = r.scope.unwrap_or_default();
-    if scope == Scope::Global {
+    let scope = r.scope.unwrap_or(defaults.scope);
+    if scope != Scope::Local && defaults.needs_service {
         return Err(ConfigError::new(
             format!("{at}.scope"),
-            "\"global\" needs the companion service block, which this filter version does not support yet; use \"local\"",
+            format!(
+                "{:?} needs the companion: add a \"service\" block, or use \"local\"",
+                scope.name()
+            ),
         ));
     }
+    if scope == Scope::Local && r.failure_mode.is_some() {
+        return Err(ConfigError::new(
+            format!("{at}.failure_mode"),
+            "a local rule never asks the companion, so it has no failure mode (scope is \"local\")",
+        ));
+    }
+    if scope == Scope::Strict && r.shadow {
+        return Err(ConfigError::new(
+            format!("{at}.shadow"),
+            "a strict rule in shadow mode would still hold every request for a callout; measure with scope \"global\" and shadow instead",
+        ));
+    }
+    if scope == Scope::Strict && r.continues {
+        return Err(ConfigError::new(
+            format!("{at}.continue"),
+            "a strict rule ends its chain (it is decided last, by one callout): order the other rules before it",
+        ));
+    }
+    let failure_mode = match scope {
+        Scope::Local => FailureMode::Local,
+        _ => r.failure_mode.unwrap_or(defaults.failure_mode),
+    };
     let mut h = Hasher64::new(0x6d65_7368_6c69_6d74);
     h.write(r.id.as_bytes());
     for l in &limits {
         h.write_u64(l.window_secs);
         h.write_u64(l.max);
         h.write_u64(l.burst);
+    }
+    // A global or strict rule's clients get other fingerprints than the same rule's in
+    // local scope: their table entries have another layout, and a scope change starts
+    // them afresh instead of reading one layout as the other.
+    if scope != Scope::Local {
+        h.write(scope.name().as_bytes());
     }
     Ok(Rule {
         seed: h.finish(),
@@ -515,6 +881,7 @@ fn compile_rule(at: &str, r: RawRule) -> Result<Rule, ConfigError> {
         limits,
         shadow: r.shadow,
         scope,
+        failure_mode,
         continues: r.continues,
     })
 }

@@ -100,8 +100,9 @@ impl KeyState {
 }
 
 /// What a global rule does while it has no valid grant and the companion is
-/// unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// unreachable (and a strict rule when its callout fails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(remote = "Self", rename_all = "lowercase")]
 pub enum FailureMode {
     /// The local bucket at the fallback share.
     #[default]
@@ -111,6 +112,9 @@ pub enum FailureMode {
     /// Reject (429, `Retry-After: 1`, a body saying the limiter is unavailable).
     Closed,
 }
+
+// A choice, read from a string only (not `{"open":null}`), like the configuration's.
+crate::json::deserialize_strictly!(FailureMode);
 
 /// Proxy-level sync state, from VM memory (each VM refreshes it from shared data on its
 /// tick): no host call per request.
@@ -249,6 +253,73 @@ pub fn admit(
         state.admitted = state.admitted.saturating_add(hits);
     }
     Admission::Bucket(d)
+}
+
+/// How one global rule decides a request, besides the key's own state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleParams {
+    pub mode: FailureMode,
+    /// `service.fallback_share`.
+    pub fallback_share: Option<u32>,
+    pub trigger: crate::report::TriggerParams,
+}
+
+/// What the request path decided for one global key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyDecision {
+    pub admission: Admission,
+    pub source: ShareSource,
+    /// Why the key goes in the next report ([`crate::report`] flags; 0: it does not).
+    pub reasons: u8,
+}
+
+impl KeyDecision {
+    /// The failure mode decided this request (the companion is unreachable).
+    pub fn by_failure_mode(&self) -> Option<FailureMode> {
+        match self.source {
+            ShareSource::Fallback(_) => Some(FailureMode::Local),
+            ShareSource::Open => Some(FailureMode::Open),
+            ShareSource::Closed => Some(FailureMode::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// The state of a key's entry created at `now`: full buckets at the share about to
+/// apply (never the whole limit while other proxies may hold grants, never zero).
+pub fn fresh_state(sync: &SyncView, p: &RuleParams, now: u64) -> KeyState {
+    let blank = KeyState::new(0, now);
+    let share = choose_share(&blank, sync, p.mode, p.fallback_share, now).share();
+    KeyState::new(share.unwrap_or(0), now)
+}
+
+/// One request (one hit) for a global key, all in hand, no host call: which share
+/// applies ([`choose_share`]), the bucket at it ([`admit`]) and whether the key goes in
+/// the next report ([`crate::report::reasons`]). Returns whether `tats` and `state`
+/// changed and must be written back (the one CAS), and the decision.
+pub fn decide(
+    limits: &[Limit],
+    tats: &mut [u64],
+    state: &mut KeyState,
+    sync: &SyncView,
+    p: &RuleParams,
+    now: u64,
+) -> (bool, KeyDecision) {
+    let source = choose_share(state, sync, p.mode, p.fallback_share, now);
+    let floor = burst_floor(sync, source);
+    let admission = admit(limits, tats, state, source, floor, now, 1);
+    let reasons = crate::report::reasons(
+        limits, tats, state, source, admission, floor, now, &p.trigger,
+    );
+    let store = matches!(admission, Admission::Bucket(d) if d.changed);
+    (
+        store,
+        KeyDecision {
+            admission,
+            source,
+            reasons,
+        },
+    )
 }
 
 /// Applies a grant from the companion (the leader, off the request path): rescales the

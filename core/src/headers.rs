@@ -225,6 +225,21 @@ impl Rejection {
         }
     }
 
+    /// The reply of a rule whose failure mode is `closed` while the companion cannot be
+    /// reached: retry in a second, and a body that says why, so that a client (and an
+    /// operator reading logs) can tell it from a spent limit.
+    pub fn unavailable(rule_id: &str) -> Self {
+        let mut body = BodyValue::new();
+        let _ = write!(
+            body,
+            "{{\"error\":\"limiter_unavailable\",\"rule\":\"{rule_id}\",\"retry_after\":1}}"
+        );
+        Rejection {
+            retry_after: num(1),
+            body,
+        }
+    }
+
     /// The reply's headers: `retry-after`, `content-type`, then `rate_limit`'s pairs.
     pub fn headers<'h>(
         &'h self,

@@ -34,3 +34,6 @@ pub enum SharedDataError {
     /// Any other failure the host reports.
     Other,
 }
+
+#[cfg(test)]
+pub(crate) mod memory;

@@ -17,7 +17,9 @@
 //! - Global scope (`docs/global-limits.md`): [`global`] (a key's share state in its
 //!   table entry, which share applies, admission at a share), [`report`] (which keys a
 //!   proxy reports, the bounded candidate and tracked sets), [`shares`] (the
-//!   companion's work-conserving share allocation).
+//!   companion's work-conserving share allocation), [`sync`] (the proxy's side of the
+//!   sync: outbox, leader, report and answer, through shared data), [`strict`] (the
+//!   strict check's callout and answer).
 //! - [`json`]: records are read from JSON objects only (never arrays by position),
 //!   choices from strings only; the companion's body parsing.
 
@@ -33,6 +35,8 @@ pub mod path;
 pub mod protocol;
 pub mod report;
 pub mod shares;
+pub mod strict;
+pub mod sync;
 pub mod table;
 
 /// The unit tests run natively with `cargo test` and, unchanged, inside wasm

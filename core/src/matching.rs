@@ -254,7 +254,7 @@ pub struct Tally {
 }
 
 /// Applies the rules `matching` yields (in priority order) to one request: each rule
-/// that finds its client key is charged with `take(rule, fingerprint)`; a rule without
+/// that finds its client key is charged with `take(index, rule, fingerprint)`; a rule without
 /// `continue` ends the chain; a refusal (outside shadow mode) ends it at once, so later
 /// rules are not charged. At most [`MAX_RULES_PER_REQUEST`] rules are charged (the
 /// configuration guarantees no chain is longer).
@@ -267,7 +267,7 @@ pub fn decide<C, T>(
 ) -> Verdict
 where
     C: FnMut(&Rule) -> ClientKey,
-    T: FnMut(&Rule, u64) -> Decision,
+    T: FnMut(usize, &Rule, u64) -> Decision,
 {
     let mut described: Option<Applied> = None;
     let mut charged = 0;
@@ -283,7 +283,7 @@ where
                 return Verdict::RepeatedKeyHeader { rule: i, source };
             }
         };
-        let decision = take(rule, fingerprint(rule, source, &id));
+        let decision = take(i, rule, fingerprint(rule, source, &id));
         charged += 1;
         if !decision.allowed {
             if !rule.shadow {

@@ -263,6 +263,37 @@ impl TrackedKeys {
             .map(|(&(r, f), &(_, pending))| (r, f, pending))
     }
 
+    /// Bytes of one tracked key in [`TrackedKeys::encode`].
+    pub const ENCODED_LEN: usize = 15;
+
+    /// The set as bytes, to keep it in shared data between syncs (so that a new
+    /// leader carries on with the keys the last one tracked): per key `rule (2) ‖
+    /// fingerprint (8) ‖ share (4) ‖ pending (1)`, little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.keys.len() * Self::ENCODED_LEN);
+        for (&(rule, fp), &(share, pending)) in &self.keys {
+            out.extend_from_slice(&rule.to_le_bytes());
+            out.extend_from_slice(&fp.to_le_bytes());
+            out.extend_from_slice(&share.to_le_bytes());
+            out.push(u8::from(pending));
+        }
+        out
+    }
+
+    /// The set [`TrackedKeys::encode`] wrote, at most `capacity` keys of it; a partial
+    /// record at the end is ignored.
+    pub fn decode(bytes: &[u8], capacity: usize) -> TrackedKeys {
+        let mut keys = BTreeMap::new();
+        for r in bytes.chunks_exact(Self::ENCODED_LEN).take(capacity) {
+            let rule = u16::from_le_bytes([r[0], r[1]]);
+            let mut fp = [0u8; 8];
+            fp.copy_from_slice(&r[2..10]);
+            let share = u32::from_le_bytes([r[10], r[11], r[12], r[13]]);
+            keys.insert((rule, u64::from_le_bytes(fp)), (share, r[14] != 0));
+        }
+        TrackedKeys { keys, dropped: 0 }
+    }
+
     /// After a grant: tracked iff some share is above the quiet level `quiet` (see
     /// [`TrackedParams::quiet`]), or the grant is below its target (`pending`: report it
     /// again next interval to collect the rest).

@@ -12,25 +12,46 @@
 //! `WAYS × ENTRY_MAX` bytes, whatever the number of distinct clients.
 //!
 //! A (rule, client) hashes to a 64-bit fingerprint that picks one set. An entry is
-//! `limits count (1 byte) ‖ fingerprint (8) ‖ tat (8) per limit`. A request reads its
-//! set (one get), finds its entry or makes room for a fresh one, and writes the set
-//! back (one CAS) when its state changed ([`take`]); a CAS that another worker's write
-//! beat reads and decides again ([`update`]). Room is found in this order:
+//! `limits count (1 byte) ‖ fingerprint (8) ‖ tat per limit (8 each)`; a **global**
+//! rule's entry (its count byte has [`GLOBAL`] set) carries after its `tat`s the key's
+//! share state ([`crate::global`]'s trailer, `4·k + 16` bytes) and the index of its rule
+//! (2 bytes), so that its share can be released when the entry is evicted. A request
+//! reads its set (one get), finds its entry or makes room for a fresh one, and writes
+//! the set back (one CAS) when its state changed ([`take`], [`take_global`]); a CAS that
+//! another worker's write beat reads and decides again ([`update`]). Room is found in
+//! this order:
 //! 1. a free way (the set holds fewer than `WAYS` entries);
-//! 2. an idle entry (all its buckets are full again: dropping it loses nothing);
+//! 2. an idle entry (all its buckets are full again: dropping it loses nothing), one
+//!    holding no grant and no unreported count before one that does;
 //! 3. the active entry closest to full is evicted: that client restarts from a full
 //!    bucket (at most `burst` extra admissions). With `sets = max_clients / 2` the
 //!    expected load is 2 entries per 8-way set at `max_clients` active clients, and a
 //!    set overflows with probability P(Poisson(2) > 8) ≈ 2.4·10⁻⁴.
+//!
+//! Dropping a global entry that still holds a valid grant is reported to the caller
+//! ([`Evicted::grant_of`]): the proxy tells the companion, which gives the share back
+//! to the other proxies at once instead of at the end of the lease.
 
 use crate::config::{Limit, MAX_LIMITS_PER_RULE};
 use crate::gcra::{self, Decision};
+use crate::global::{trailer_len, KeyState};
 use crate::host::{SharedData, SharedDataError};
 
 /// Entries per set.
 pub const WAYS: usize = 8;
-/// Largest entry: count byte + fingerprint + one timestamp per limit.
-pub const ENTRY_MAX: usize = 1 + 8 + 8 * MAX_LIMITS_PER_RULE;
+/// Set in an entry's count byte: the entry is a global rule's (trailer and rule index
+/// follow the timestamps).
+pub const GLOBAL: u8 = 0x80;
+/// Bytes after a global entry's timestamps: the share trailer and the rule index.
+pub const fn global_extra(limits: usize) -> usize {
+    trailer_len(limits) + 2
+}
+/// Bytes of an entry with `limits` limits.
+pub const fn entry_len(limits: usize, global: bool) -> usize {
+    9 + 8 * limits + if global { global_extra(limits) } else { 0 }
+}
+/// Largest entry: a global one with every limit.
+pub const ENTRY_MAX: usize = entry_len(MAX_LIMITS_PER_RULE, true);
 /// Largest set value.
 pub const SET_MAX: usize = WAYS * ENTRY_MAX;
 /// Buffer size for [`write`]: a set plus one entry (a corrupted tail is replaced by an
@@ -78,13 +99,22 @@ pub enum Place {
     Found { offset: usize },
     /// A fresh entry, appended to the set.
     Append,
-    /// A fresh entry replacing the entry at `offset` (`len` bytes). `evicts_active`: that
-    /// entry still held state (the set was full of active clients).
+    /// A fresh entry replacing the entry at `offset` (`len` bytes). `evicted` says what
+    /// was lost with it.
     Replace {
         offset: usize,
         len: usize,
-        evicts_active: bool,
+        evicted: Evicted,
     },
+}
+
+/// What a replaced entry still held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Evicted {
+    /// Some bucket was not full again (the set was full of active clients).
+    pub active: bool,
+    /// A global entry with a grant still valid: (its rule's index, its fingerprint).
+    pub grant_of: Option<(u16, u64)>,
 }
 
 /// One entry of a set value, as parsed.
@@ -93,15 +123,21 @@ struct Entry {
     len: usize,
     fingerprint: u64,
     limits: usize,
+    global: bool,
 }
 
 /// Iterates the entries of a set value; stops at the first malformed one.
 fn entries(value: &[u8]) -> impl Iterator<Item = Entry> + '_ {
     let mut offset = 0;
     std::iter::from_fn(move || {
-        let n = *value.get(offset)? as usize;
-        let len = 9 + 8 * n;
-        if n == 0 || n > MAX_LIMITS_PER_RULE || offset + len > value.len() {
+        let head = *value.get(offset)?;
+        let global = head & GLOBAL != 0;
+        let n = (head & !GLOBAL) as usize;
+        if n == 0 || n > MAX_LIMITS_PER_RULE {
+            return None;
+        }
+        let len = entry_len(n, global);
+        if offset + len > value.len() {
             return None;
         }
         let fingerprint = read_u64(value, offset + 1);
@@ -110,6 +146,7 @@ fn entries(value: &[u8]) -> impl Iterator<Item = Entry> + '_ {
             len,
             fingerprint,
             limits: n,
+            global,
         };
         offset += len;
         Some(e)
@@ -130,47 +167,114 @@ fn latest_tat(value: &[u8], e: &Entry) -> u64 {
         .unwrap_or(0)
 }
 
-/// Finds the entry of `fingerprint` (with `tats.len()` limits) in a set value, copying
-/// its timestamps into `tats`; or decides where a fresh entry goes.
+/// The share state of a global entry (`None` for a local one or a corrupt trailer).
+fn global_state(value: &[u8], e: &Entry) -> Option<KeyState> {
+    if !e.global {
+        return None;
+    }
+    let at = e.offset + 9 + 8 * e.limits;
+    KeyState::decode(&value[at..at + trailer_len(e.limits)], e.limits)
+}
+
+/// The rule index a global entry was written for.
+fn global_rule(value: &[u8], e: &Entry) -> u16 {
+    let at = e.offset + e.len - 2;
+    u16::from_le_bytes([value[at], value[at + 1]])
+}
+
+/// Finds the local entry of `fingerprint` (with `tats.len()` limits) in a set value,
+/// copying its timestamps into `tats`; or decides where a fresh entry goes.
 pub fn find(value: &[u8], fingerprint: u64, tats: &mut [u64], now: u64) -> Place {
+    locate(value, fingerprint, tats, false, now).0
+}
+
+/// Like [`find`] for a global entry, which also hands back its share state (`None`:
+/// a fresh entry, or a trailer that does not decode, which is replaced like a fresh
+/// one).
+pub fn find_global(
+    value: &[u8],
+    fingerprint: u64,
+    tats: &mut [u64],
+    now: u64,
+) -> (Place, Option<KeyState>) {
+    locate(value, fingerprint, tats, true, now)
+}
+
+fn locate(
+    value: &[u8],
+    fingerprint: u64,
+    tats: &mut [u64],
+    global: bool,
+    now: u64,
+) -> (Place, Option<KeyState>) {
     let mut count = 0;
     let mut end = 0;
-    // Best victim so far: (is active, slack until idle, offset, len).
-    let mut victim: Option<(bool, u64, usize, usize)> = None;
+    // Best victim so far: (is active, holds a grant or counts, slack until idle,
+    // offset, len, what it holds).
+    let mut victim: Option<(bool, bool, u64, usize, usize, Evicted)> = None;
     for e in entries(value) {
         count += 1;
         end = e.offset + e.len;
-        if e.fingerprint == fingerprint && e.limits == tats.len() {
+        let state = global_state(value, &e);
+        if e.fingerprint == fingerprint && e.limits == tats.len() && e.global == global {
             for (i, t) in tats.iter_mut().enumerate() {
                 *t = read_u64(value, e.offset + 9 + 8 * i);
             }
-            return Place::Found { offset: e.offset };
+            if !global || state.is_some() {
+                return (Place::Found { offset: e.offset }, state);
+            }
+            // A corrupt trailer: this client's entry is rewritten fresh, in place.
+            let evicted = Evicted::default();
+            let place = Place::Replace {
+                offset: e.offset,
+                len: e.len,
+                evicted,
+            };
+            return (place, None);
         }
         let latest = latest_tat(value, &e);
-        let candidate = (latest > now, latest.saturating_sub(now), e.offset, e.len);
-        if victim.is_none_or(|v| (candidate.0, candidate.1) < (v.0, v.1)) {
+        let active = latest > now;
+        let granted = state.is_some_and(|s| s.expiry_ns > now);
+        let holds = granted || state.is_some_and(|s| s.admitted > 0);
+        let evicted = Evicted {
+            active,
+            grant_of: granted.then(|| (global_rule(value, &e), e.fingerprint)),
+        };
+        let candidate = (
+            active,
+            holds,
+            latest.saturating_sub(now),
+            e.offset,
+            e.len,
+            evicted,
+        );
+        if victim.is_none_or(|v| (candidate.0, candidate.1, candidate.2) < (v.0, v.1, v.2)) {
             victim = Some(candidate);
         }
     }
     if end < value.len() {
         // Trailing bytes that do not parse: the set is rewritten from its good prefix.
-        return Place::Replace {
+        let place = Place::Replace {
             offset: end,
             len: value.len() - end,
-            evicts_active: false,
+            evicted: Evicted::default(),
         };
+        return (place, None);
     }
-    match victim {
-        Some((active, _, offset, len)) if count >= WAYS || !active => Place::Replace {
-            offset,
-            len,
-            evicts_active: active,
-        },
+    let place = match victim {
+        Some((active, holds, _, offset, len, evicted)) if count >= WAYS || !(active || holds) => {
+            Place::Replace {
+                offset,
+                len,
+                evicted,
+            }
+        }
         _ => Place::Append,
-    }
+    };
+    (place, None)
 }
 
-/// The set's new value with this client's entry written at `place`.
+/// The set's new value with this client's local entry written at `place`.
 pub fn write<'a>(
     value: &[u8],
     place: Place,
@@ -179,12 +283,50 @@ pub fn write<'a>(
     out: &'a mut [u8; WRITE_MAX],
 ) -> &'a [u8] {
     let mut entry = [0u8; ENTRY_MAX];
-    entry[0] = tats.len() as u8;
+    let len = encode_entry(&mut entry, fingerprint, tats, None);
+    splice(value, place, &entry[..len], out)
+}
+
+/// The set's new value with this client's global entry (share state `state`, written
+/// for rule `rule`) at `place`.
+pub fn write_global<'a>(
+    value: &[u8],
+    place: Place,
+    fingerprint: u64,
+    tats: &[u64],
+    state: &KeyState,
+    rule: u16,
+    out: &'a mut [u8; WRITE_MAX],
+) -> &'a [u8] {
+    let mut entry = [0u8; ENTRY_MAX];
+    let len = encode_entry(&mut entry, fingerprint, tats, Some((state, rule)));
+    splice(value, place, &entry[..len], out)
+}
+
+fn encode_entry(
+    entry: &mut [u8; ENTRY_MAX],
+    fingerprint: u64,
+    tats: &[u64],
+    global: Option<(&KeyState, u16)>,
+) -> usize {
+    let k = tats.len();
+    entry[0] = k as u8 | if global.is_some() { GLOBAL } else { 0 };
     entry[1..9].copy_from_slice(&fingerprint.to_le_bytes());
     for (i, t) in tats.iter().enumerate() {
         entry[9 + 8 * i..17 + 8 * i].copy_from_slice(&t.to_le_bytes());
     }
-    let entry = &entry[..9 + 8 * tats.len()];
+    let mut len = 9 + 8 * k;
+    if let Some((state, rule)) = global {
+        state.encode(k, &mut entry[len..]);
+        len += trailer_len(k);
+        entry[len..len + 2].copy_from_slice(&rule.to_le_bytes());
+        len += 2;
+    }
+    len
+}
+
+/// `value` with `entry` written at `place`, into `out`.
+fn splice<'a>(value: &[u8], place: Place, entry: &[u8], out: &'a mut [u8; WRITE_MAX]) -> &'a [u8] {
     // Values come from this module and are at most SET_MAX bytes; anything longer is
     // cut so that a corrupted value cannot overflow the buffer.
     let value = &value[..value.len().min(WRITE_MAX - ENTRY_MAX)];
@@ -313,13 +455,7 @@ pub fn take<S: SharedData + ?Sized>(
             });
         }
         let len = write(value, place, fingerprint, tats, out).len();
-        let evicted_active = matches!(
-            place,
-            Place::Replace {
-                evicts_active: true,
-                ..
-            }
-        );
+        let evicted_active = evicted_by(place).active;
         Attempt::Store {
             len,
             outcome: Taken {
@@ -327,6 +463,127 @@ pub fn take<S: SharedData + ?Sized>(
                 evicted_active,
             },
         }
+    })
+}
+
+/// What writing at `place` drops.
+pub fn evicted_by(place: Place) -> Evicted {
+    match place {
+        Place::Replace { evicted, .. } => evicted,
+        _ => Evicted::default(),
+    }
+}
+
+/// What [`take_global`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakenGlobal<R> {
+    /// What the decision returned.
+    pub outcome: R,
+    /// Storing this client's entry evicted another one: what it held.
+    pub evicted: Evicted,
+}
+
+/// One request's read-decide-write of a global key's entry: one get and, when `decide`
+/// changed the entry, one CAS per attempt, exactly like [`take`]. `decide` gets the
+/// `tat`s and share state (a fresh entry's are zeros, full buckets, and `fresh()`), and
+/// returns whether to store them and its outcome. The entry is written for rule index
+/// `rule` (kept for the release of its grant on eviction).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request path's inputs as it has them, like take's; a struct would be built per request"
+)]
+pub fn take_global<S, R>(
+    shared: &S,
+    limits: &[Limit],
+    rule: u16,
+    fingerprint: u64,
+    sets: u32,
+    now: u64,
+    fresh: impl Fn() -> KeyState,
+    mut decide: impl FnMut(&mut [u64], &mut KeyState) -> (bool, R),
+) -> Result<TakenGlobal<R>, UpdateError>
+where
+    S: SharedData + ?Sized,
+{
+    let limits = &limits[..limits.len().min(MAX_LIMITS_PER_RULE)];
+    let mut key = [0u8; KEY_LEN];
+    let key = set_key(set_of(fingerprint, sets), &mut key);
+    update(shared, key, |value, out| {
+        let mut tats = [0u64; MAX_LIMITS_PER_RULE];
+        let tats = &mut tats[..limits.len()];
+        let (place, found) = find_global(value, fingerprint, tats, now);
+        let mut state = match (place, found) {
+            (Place::Found { .. }, Some(s)) => s,
+            _ => {
+                tats.fill(0);
+                fresh()
+            }
+        };
+        let (store, outcome) = decide(tats, &mut state);
+        if !store {
+            return Attempt::Keep(TakenGlobal {
+                outcome,
+                evicted: Evicted::default(),
+            });
+        }
+        let len = write_global(value, place, fingerprint, tats, &state, rule, out).len();
+        Attempt::Store {
+            len,
+            outcome: TakenGlobal {
+                outcome,
+                evicted: evicted_by(place),
+            },
+        }
+    })
+}
+
+/// A global key's entry as stored (one get), or `None` when it is not in the table.
+pub fn read_global<S: SharedData + ?Sized>(
+    shared: &S,
+    limits: usize,
+    fingerprint: u64,
+    sets: u32,
+) -> Option<([u64; MAX_LIMITS_PER_RULE], KeyState)> {
+    let limits = limits.min(MAX_LIMITS_PER_RULE);
+    let mut key = [0u8; KEY_LEN];
+    let key = set_key(set_of(fingerprint, sets), &mut key);
+    let (value, _) = shared.get(key).ok()?;
+    let value = value?;
+    let mut tats = [0u64; MAX_LIMITS_PER_RULE];
+    match find_global(&value, fingerprint, &mut tats[..limits], 0) {
+        (Place::Found { .. }, Some(state)) => Some((tats, state)),
+        _ => None,
+    }
+}
+
+/// Changes a global key's entry where it is (off the request path: the leader applying
+/// a grant): one get and one CAS per attempt. `change` gets its `tat`s and share state;
+/// nothing is written when the entry is not in the table (it was evicted meanwhile).
+/// Returns whether the entry was found.
+pub fn update_global<S: SharedData + ?Sized>(
+    shared: &S,
+    limits: usize,
+    fingerprint: u64,
+    sets: u32,
+    mut change: impl FnMut(&mut [u64], &mut KeyState),
+) -> Result<bool, UpdateError> {
+    let limits = limits.min(MAX_LIMITS_PER_RULE);
+    let mut key = [0u8; KEY_LEN];
+    let key = set_key(set_of(fingerprint, sets), &mut key);
+    update(shared, key, |value, out| {
+        let mut tats = [0u64; MAX_LIMITS_PER_RULE];
+        let tats = &mut tats[..limits];
+        let (place, found) = find_global(value, fingerprint, tats, 0);
+        let (Place::Found { offset }, Some(mut state)) = (place, found) else {
+            return Attempt::Keep(false);
+        };
+        change(tats, &mut state);
+        let rule = {
+            let len = entry_len(limits, true);
+            u16::from_le_bytes([value[offset + len - 2], value[offset + len - 1]])
+        };
+        let len = write_global(value, place, fingerprint, tats, &state, rule, out).len();
+        Attempt::Store { len, outcome: true }
     })
 }
 

@@ -1,6 +1,8 @@
 //! The companion service (`meshlimit-service`, the real binary) as a child process of
-//! the harness, inside a network namespace, on a Redis Cluster, with a bearer token; and
-//! the controls a failure scenario needs: kill, restart, SIGSTOP, SIGCONT.
+//! the harness, with a bearer token: inside a network namespace on a Redis Cluster (the
+//! three-AZ topology), or on loopback with its in-memory store
+//! ([`CompanionSpec::loopback`]); and the controls a failure scenario needs: kill,
+//! restart, SIGSTOP, SIGCONT.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,24 +78,43 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
 pub struct CompanionSpec {
     /// A readable name for logs, e.g. `companion az-a`.
     pub name: String,
-    pub netns: String,
+    /// The network namespace it runs in; `None`: the test's own (loopback).
+    pub netns: Option<String>,
     /// Port it listens on, on every address of its namespace.
     pub port: u16,
     /// Where the test process reaches it (an address of the namespace it can route to).
     pub reach: SocketAddr,
     pub token: String,
-    /// Redis Cluster seed URLs.
+    /// Redis Cluster seed URLs; none: the in-memory store.
     pub redis_seeds: Vec<String>,
     pub redis_password: String,
     /// Holds the token and password files and the log.
     pub dir: PathBuf,
 }
 
+impl CompanionSpec {
+    /// On 127.0.0.1 at a free port, in the test's own network namespace, on the
+    /// in-memory store, its token and log under `dir`.
+    pub fn loopback(name: &str, token: &str, dir: PathBuf) -> CompanionSpec {
+        let port = crate::free_port();
+        CompanionSpec {
+            name: name.to_owned(),
+            netns: None,
+            port,
+            reach: SocketAddr::from(([127, 0, 0, 1], port)),
+            token: token.to_owned(),
+            redis_seeds: Vec::new(),
+            redis_password: String::new(),
+            dir,
+        }
+    }
+}
+
 /// A companion process; its controls take `&self`, so a test can kill or pause it while
 /// load runs on other threads.
 pub struct Companion {
     pub spec: CompanionSpec,
-    netns: Netns,
+    netns: Option<Netns>,
     proc: Mutex<Option<Proc>>,
 }
 
@@ -109,7 +130,7 @@ impl Companion {
         )
         .unwrap();
         let c = Companion {
-            netns: Netns::open(&spec.netns),
+            netns: spec.netns.as_deref().map(Netns::open),
             spec,
             proc: Mutex::new(None),
         };
@@ -124,16 +145,22 @@ impl Companion {
     fn spawn(&self) {
         let s = &self.spec;
         let mut cmd = Command::new(companion_bin());
+        let listen = match s.netns {
+            Some(_) => format!("0.0.0.0:{}", s.port),
+            None => format!("127.0.0.1:{}", s.port),
+        };
         cmd.arg("--listen")
-            .arg(format!("0.0.0.0:{}", s.port))
+            .arg(listen)
             .arg("--token-file")
             .arg(s.dir.join("token"))
-            .arg("--redis-cluster")
-            .arg(s.redis_seeds.join(","))
-            .arg("--redis-password-file")
-            .arg(s.dir.join("redis-password"))
             .env("ML_LOG", "info,redis=warn");
-        let proc = Proc::start(&s.name, cmd, Some(&self.netns), &self.log_path());
+        if !s.redis_seeds.is_empty() {
+            cmd.arg("--redis-cluster")
+                .arg(s.redis_seeds.join(","))
+                .arg("--redis-password-file")
+                .arg(s.dir.join("redis-password"));
+        }
+        let proc = Proc::start(&s.name, cmd, self.netns.as_ref(), &self.log_path());
         *self.proc.lock().unwrap() = Some(proc);
         if let Err(e) = wait_until(
             &format!("{} answers /healthz", s.name),

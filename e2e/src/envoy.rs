@@ -48,6 +48,12 @@ pub struct EnvoyOptions {
     pub clusters: Vec<(String, u16)>,
     pub use_remote_address: bool,
     pub xff_num_trusted_hops: u32,
+    /// The bootstrap's `node.id` and `node.locality.zone` (what the filter's
+    /// `service.proxy_id` and `zone` default to).
+    pub node: Option<(String, String)>,
+    /// Environment variables of the filter's VM (`vm_config.environment_variables`),
+    /// e.g. the companion's token for `service.token_env`.
+    pub vm_env: Vec<(String, String)>,
     /// Last-word edits of the bootstrap JSON, for anything the fields do not cover.
     pub tweaks: Vec<Tweak>,
     /// The address of the listener and the admin interface (default 127.0.0.1).
@@ -79,6 +85,8 @@ impl EnvoyOptions {
             clusters: Vec::new(),
             use_remote_address: false,
             xff_num_trusted_hops: 0,
+            node: None,
+            vm_env: Vec::new(),
             tweaks: Vec::new(),
             listen_ip: Ipv4Addr::LOCALHOST,
             ports: None,
@@ -109,6 +117,16 @@ impl EnvoyOptions {
 
     pub fn xff_num_trusted_hops(mut self, hops: u32) -> Self {
         self.xff_num_trusted_hops = hops;
+        self
+    }
+
+    pub fn node(mut self, id: &str, zone: &str) -> Self {
+        self.node = Some((id.to_owned(), zone.to_owned()));
+        self
+    }
+
+    pub fn vm_env(mut self, name: &str, value: &str) -> Self {
+        self.vm_env.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -155,7 +173,15 @@ impl EnvoyOptions {
     pub fn bootstrap(&self, port: u16, admin_port: u16) -> Value {
         let mut http_filters = Vec::new();
         if let Some(plugin_config) = &self.plugin_config {
-            http_filters.push(wasm_filter(plugin_config, &crate::filter_wasm()));
+            let mut filter = wasm_filter(plugin_config, &crate::filter_wasm());
+            if !self.vm_env.is_empty() {
+                let vars: serde_json::Map<String, Value> = (self.vm_env.iter())
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect();
+                filter["typed_config"]["config"]["vm_config"]["environment_variables"] =
+                    json!({ "key_values": vars });
+            }
+            http_filters.push(filter);
         }
         http_filters.push(json!({
             "name": "envoy.filters.http.router",
@@ -200,6 +226,9 @@ impl EnvoyOptions {
                 "clusters": clusters,
             }
         });
+        if let Some((id, zone)) = &self.node {
+            bootstrap["node"] = json!({"id": id, "locality": {"zone": zone}});
+        }
         for tweak in &self.tweaks {
             tweak(&mut bootstrap);
         }

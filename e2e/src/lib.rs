@@ -2,7 +2,9 @@
 //! running the real filter wasm, in front of an in-process demo upstream, driven by a
 //! small HTTP client that can send any bytes. [`topology`] builds three AZs on one
 //! machine (network namespaces, a Redis Cluster, a companion and an Envoy per AZ) for the
-//! global-limit scenarios. [`istio`] checks the Istio manifests against the Istio CRD
+//! global-limit scenarios. [`peer`] is a scripted companion (valid answers, every kind
+//! of bad one, or a reference allocation) and [`backend`] runs a global- or strict-scope
+//! scenario on it or on the real companion. [`istio`] checks the Istio manifests against the Istio CRD
 //! schemas, as the API server would.
 //!
 //! ```no_run
@@ -17,6 +19,7 @@
 
 use std::path::PathBuf;
 
+pub mod backend;
 pub mod client;
 pub mod companion;
 pub mod delay_proxy;
@@ -26,6 +29,7 @@ pub mod istio;
 pub mod lb;
 pub mod load;
 pub mod netns;
+pub mod peer;
 pub mod process;
 pub mod redis_cluster;
 pub mod topology;

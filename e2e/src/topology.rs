@@ -542,7 +542,7 @@ fn companion_spec(
 ) -> CompanionSpec {
     CompanionSpec {
         name: format!("companion {}", az.name()),
-        netns: az.name().to_owned(),
+        netns: Some(az.name().to_owned()),
         port: COMPANION_PORT,
         reach: SocketAddr::from((az.client_ip(), COMPANION_PORT)),
         token: token.to_owned(),

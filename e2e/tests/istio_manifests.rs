@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use meshlimit_core::config::TokenSource;
 use meshlimit_e2e::istio::cel::{request_uri_scheme, CelRules};
 use meshlimit_e2e::istio::{
     check_document, crds, dotted, load_crds, manifest_of_kind, manifests, parse_plugin_config,
@@ -66,12 +67,39 @@ fn wasmplugin_is_the_deployment_described() {
     assert_eq!(spec["phase"], "AUTHZ");
     assert_eq!(spec["failStrategy"], "FAIL_OPEN");
     assert_eq!(spec["type"], "HTTP");
-    assert!(spec.get("vmConfig").is_none());
     assert!(spec["url"].as_str().unwrap().starts_with("oci://"));
 
     let config = parse_plugin_config(spec).unwrap_or_else(|e| panic!("pluginConfig: {e}"));
     let ids: Vec<&str> = config.rules.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(ids, ["login", "search", "api-free", "api", "ceiling"]);
+    assert_eq!(
+        ids,
+        ["login", "payouts", "search", "api-free", "api", "ceiling"]
+    );
+    // The companion: the cluster Istio builds for its Service, the token from the
+    // proxy's environment (never inline in the manifest), passed to the VM.
+    let service = config.service.as_ref().expect("a service block");
+    assert_eq!(service.cluster, COMPANION_CLUSTER);
+    let TokenSource::Env(var) = &service.token else {
+        panic!("the token must come from the environment, not the manifest");
+    };
+    assert_eq!(
+        spec["vmConfig"]["env"],
+        json!([{"name": var, "valueFrom": "HOST"}]),
+        "the token variable reaches the VM"
+    );
+    use meshlimit_core::config::Scope;
+    let scopes: Vec<Scope> = config.rules.iter().map(|r| r.scope).collect();
+    assert_eq!(
+        scopes,
+        [
+            Scope::Global,
+            Scope::Strict,
+            Scope::Global,
+            Scope::Global,
+            Scope::Global,
+            Scope::Local
+        ]
+    );
     assert!(spec["pluginConfig"].get("xff_hop").is_none());
     assert_eq!(config.headers, meshlimit_core::config::HeaderMode::Both);
     assert!(config.rules.iter().any(|r| r.shadow));
@@ -156,6 +184,21 @@ fn envoy_yaml_sets_what_the_filter_relies_on() {
         .unwrap_or_else(|e| panic!("envoy.yaml plugin configuration: {e}"));
     let auth = config.rules.iter().find(|r| r.id == "auth").unwrap();
     assert_eq!(auth.key, [meshlimit_core::config::KeySource::Ip]);
+    // The companion is a cluster of this file, its token a variable of Envoy's own
+    // environment handed to the VM, and the node has the id the filter defaults to.
+    let service = config.service.as_ref().expect("a service block");
+    let clusters = docs[0]["static_resources"]["clusters"].as_array().unwrap();
+    assert!(clusters
+        .iter()
+        .any(|c| c["name"] == service.cluster.as_str()));
+    let TokenSource::Env(var) = &service.token else {
+        panic!("the token must come from the environment, not the file");
+    };
+    let env = &wasm["typed_config"]["config"]["vm_config"]["environment_variables"];
+    assert_eq!(env["host_env_keys"], json!([var]));
+    assert!(docs[0]["node"]["id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
 }
 
 #[test]
@@ -341,10 +384,17 @@ fn filter_parser_refuses_unknown_or_reserved_plugin_config() {
         errors[0].starts_with("spec.pluginConfig: the filter refuses it: xff_hops: unknown field"),
         "{errors:#?}"
     );
-    let wp = wasmplugin_with(|w| w["spec"]["pluginConfig"]["rules"][3]["scope"] = json!("global"));
+    let wp = wasmplugin_with(|w| w["spec"]["pluginConfig"]["rules"][1]["continue"] = json!(true));
     let e = parse_plugin_config(&wp["spec"]).unwrap_err();
-    assert_eq!(e.path, "rules[3].scope");
-    assert_refused(&wp, &["rules[3].scope"]);
+    assert_eq!(e.path, "rules[1].continue");
+    assert_refused(&wp, &["rules[1].continue"]);
+    let wp = wasmplugin_with(|w| {
+        w["spec"]["pluginConfig"]["service"]
+            .as_object_mut()
+            .unwrap()
+            .remove("token_env");
+    });
+    assert_refused(&wp, &["service: the companion needs its bearer token"]);
 }
 
 /// The CEL rules on the schema nodes the manifests reach, evaluated the way the API

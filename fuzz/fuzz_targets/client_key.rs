@@ -28,6 +28,7 @@ use meshlimit_core::config::{
     KeySource, Limit, Matcher, PathMatch, Rule, Scope, MAX_RULES_PER_REQUEST,
 };
 use meshlimit_core::gcra::Decision;
+use meshlimit_core::global::FailureMode;
 use meshlimit_core::matching::{
     client_id, decide, fingerprint, strip_port, Applied, ClientKey, HeaderValue, Tally, Verdict,
 };
@@ -161,6 +162,7 @@ fn rule(i: usize, key: Vec<KeySource>, continues: bool, shadow: bool) -> Rule {
         limits: vec![Limit::new(60, 10, 10).unwrap()],
         shadow,
         scope: Scope::Local,
+        failure_mode: FailureMode::Local,
         continues,
         seed: 0x9e37_79b9_7f4a_7c15 ^ i as u64,
     }
@@ -251,7 +253,7 @@ fuzz_target!(|input: Input| {
         &rules,
         matching.iter().copied(),
         |r| request.client(r),
-        |r, fp| {
+        |_, r, fp| {
             let i: usize = r.id[1..].parse().unwrap();
             let ClientKey::Id(source, id) = request.expected_key(&r.key) else {
                 panic!("{} charged without a client key", r.id);

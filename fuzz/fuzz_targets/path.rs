@@ -23,6 +23,7 @@ use std::cell::Cell;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use meshlimit_core::config::{Limit, Matcher, PathMatch, Rule, Scope};
+use meshlimit_core::global::FailureMode;
 use meshlimit_core::matching::{matching_rules, method_matches, path_matches};
 use meshlimit_core::path::{is_normal, normalize, path_only, with_normal, PathError};
 
@@ -285,6 +286,7 @@ fn rule(matcher: Matcher, i: usize) -> Rule {
         limits: vec![Limit::new(60, 10, 10).unwrap()],
         shadow: false,
         scope: Scope::Local,
+        failure_mode: FailureMode::Local,
         continues: false,
         seed: i as u64,
     }

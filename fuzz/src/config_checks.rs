@@ -124,6 +124,13 @@ fn check_rule(r: &Rule) {
         .id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')));
+    // The strict check's body is written by hand (it is built per request): it must be
+    // the valid request serde would write, for any rule the configuration accepts.
+    let body = meshlimit_core::strict::request_body(r, 0x0123_4567_89ab_cdef);
+    let req: meshlimit_core::protocol::StrictRequest = meshlimit_core::json::parse(&body)
+        .unwrap_or_else(|e| panic!("strict body {}: {e}", String::from_utf8_lossy(&body)));
+    assert_eq!(req.validate(), Ok(()));
+    assert_eq!(body, serde_json::to_vec(&req).unwrap());
 
     // The configured path is in normal form, so requests (always normalized) can reach
     // it: an exact path matches itself, a prefix matches what extends it.

@@ -181,7 +181,11 @@ fn every_refusal_names_its_field() {
         ),
         (
             &one_rule(r#","scope":"global""#),
-            "rules[0].scope: \"global\" needs the companion",
+            "rules[0].scope: \"global\" needs the companion: add a \"service\" block",
+        ),
+        (
+            &one_rule(r#","scope":"strict""#),
+            "rules[0].scope: \"strict\" needs the companion",
         ),
         (
             &one_rule(r#","scope":"planet""#),
@@ -236,12 +240,12 @@ fn every_refusal_names_its_field() {
             "max_clients: 1048577 is out of range 16..=1048576: the whole table is created before Envoy opens its listener (measured at 1048576: +0.75-1.9 s",
         ),
         (
-            r#"{"rules":[],"service":{"cluster":"x"}}"#,
-            "service: the companion service block is reserved",
+            r#"{"rules":[],"failure_mode":"open"}"#,
+            "failure_mode: applies to global and strict rules, which need a \"service\" block",
         ),
         (
-            r#"{"rules":[],"failure_mode":"open"}"#,
-            "failure_mode: reserved",
+            &one_rule(r#","failure_mode":"open""#),
+            "rules[0].failure_mode: a local rule never asks the companion",
         ),
     ];
     for (json, want) in cases {
@@ -484,6 +488,323 @@ fn continue_and_case_sensitive() {
     );
 }
 
+/// A configuration with a service block (`service` holds its fields after `cluster`)
+/// and one rule (`rule` holds its fields after `limits`).
+fn with_service(service: &str, rule: &str) -> String {
+    format!(
+        r#"{{"service":{{"cluster":"meshlimit_service"{service}}},"rules":[{{"id":"r","match":{{"path":"/a"}},"limits":[{{"window":"1m","max":5}}]{rule}}}]}}"#
+    )
+}
+
+#[test]
+fn service_block_defaults() {
+    let c = parse(with_service(r#","token_env":"ML_TOKEN""#, "").as_bytes()).unwrap();
+    let s = c.service.as_ref().unwrap();
+    assert_eq!(s.cluster, "meshlimit_service");
+    assert_eq!(
+        s.authority, "meshlimit_service",
+        "authority defaults to the cluster"
+    );
+    assert_eq!(s.token, TokenSource::Env("ML_TOKEN".into()));
+    assert_eq!(s.timeout_ms, 200);
+    assert_eq!(s.sync_interval_ms, 1000);
+    assert_eq!((s.proxy_id.as_deref(), s.zone.as_deref()), (None, None));
+    assert_eq!(s.fallback_share, None);
+    let r = &c.rules[0];
+    assert_eq!(
+        r.scope,
+        Scope::Global,
+        "global is the default with a service"
+    );
+    assert_eq!(r.failure_mode, FailureMode::Local);
+    assert!(c.has_global() && c.uses_service());
+    // The token never shows in a debug print (which may reach a log).
+    let c = parse(with_service(r#","token":"s3cret""#, "").as_bytes()).unwrap();
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn service_block_every_field() {
+    let c = parse(
+        with_service(
+            r#","authority":"ml.example","token":"t0k","timeout_ms":150,"sync_interval_ms":500,"proxy_id":"gw-1","zone":"az-b","fallback_share":0.25"#,
+            r#","scope":"strict","failure_mode":"closed""#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let s = c.service.as_ref().unwrap();
+    assert_eq!(s.authority, "ml.example");
+    assert_eq!(s.token, TokenSource::Inline("t0k".into()));
+    assert_eq!((s.timeout_ms, s.sync_interval_ms), (150, 500));
+    assert_eq!(s.proxy_id.as_deref(), Some("gw-1"));
+    assert_eq!(s.zone.as_deref(), Some("az-b"));
+    assert_eq!(s.fallback_share, Some(250_000_000));
+    assert_eq!(c.rules[0].scope, Scope::Strict);
+    assert_eq!(c.rules[0].failure_mode, FailureMode::Closed);
+    assert!(!c.has_global() && c.uses_service());
+}
+
+#[test]
+fn failure_mode_top_level_and_per_rule() {
+    let json = r#"{"service":{"cluster":"c","token":"t"},"failure_mode":"open","rules":[
+      {"id":"a","match":{"path":"/a"},"limits":[{"window":"1s","max":1}]},
+      {"id":"b","match":{"path":"/b"},"limits":[{"window":"1s","max":1}],"failure_mode":"closed"},
+      {"id":"c","match":{"path":"/c"},"limits":[{"window":"1s","max":1}],"scope":"local"}]}"#;
+    let c = parse(json.as_bytes()).unwrap();
+    let modes: Vec<_> = c.rules.iter().map(|r| (r.scope, r.failure_mode)).collect();
+    assert_eq!(
+        modes,
+        [
+            (Scope::Global, FailureMode::Open),
+            (Scope::Global, FailureMode::Closed),
+            (Scope::Local, FailureMode::Local),
+        ]
+    );
+    assert!(c.has_global());
+}
+
+#[test]
+fn every_service_refusal_names_its_field() {
+    let cases: &[(String, &str)] = &[
+        (
+            r#"{"rules":[],"service":{"token":"t"}}"#.into(),
+            "service: missing field `cluster`",
+        ),
+        (
+            with_service(r#","token":"t","colour":1"#, ""),
+            "service.colour: unknown field `colour`",
+        ),
+        (
+            with_service(r#","token":"t","token":"u""#, ""),
+            "service: duplicate field `token`",
+        ),
+        (
+            r#"{"rules":[],"service":{"cluster":"","token":"t"}}"#.into(),
+            "service.cluster: \"\" is not an Envoy cluster name",
+        ),
+        (
+            r#"{"rules":[],"service":{"cluster":"a b","token":"t"}}"#.into(),
+            "service.cluster: \"a b\" is not an Envoy cluster name",
+        ),
+        (
+            with_service(r#","token":"t","authority":"""#, ""),
+            "service.authority: \"\" is not a host name",
+        ),
+        (
+            with_service("", ""),
+            "service: the companion needs its bearer token: set token_env",
+        ),
+        (
+            with_service(r#","token":"t","token_env":"ML_TOKEN""#, ""),
+            "service.token: set either token or token_env, not both",
+        ),
+        (
+            with_service(r#","token":"""#, ""),
+            "service.token: the token must be 1..=4096 bytes",
+        ),
+        (
+            with_service(r#","token":"two words""#, ""),
+            "service.token: the token may only hold printable ASCII without spaces",
+        ),
+        (
+            with_service(r#","token_env":"ML-TOKEN""#, ""),
+            "service.token_env: \"ML-TOKEN\" is not an environment variable name",
+        ),
+        (
+            with_service(r#","token_env":"1TOKEN""#, ""),
+            "service.token_env: \"1TOKEN\" is not an environment variable name",
+        ),
+        (
+            with_service(r#","token":"t","sync_interval_ms":0"#, ""),
+            "service.sync_interval_ms: 0 is out of range 100..=60000",
+        ),
+        (
+            with_service(r#","token":"t","sync_interval_ms":60001"#, ""),
+            "service.sync_interval_ms: 60001 is out of range 100..=60000",
+        ),
+        (
+            with_service(r#","token":"t","sync_interval_ms":-5"#, ""),
+            "service.sync_interval_ms: invalid value: integer `-5`",
+        ),
+        (
+            with_service(r#","token":"t","timeout_ms":0"#, ""),
+            "service.timeout_ms: 0 is out of range 1..1000",
+        ),
+        (
+            with_service(r#","token":"t","timeout_ms":1000"#, ""),
+            "service.timeout_ms: 1000 is out of range 1..1000: a sync must be answered or given up before the next one is due",
+        ),
+        (
+            with_service(r#","token":"t","timeout_ms":300,"sync_interval_ms":250"#, ""),
+            "service.timeout_ms: 300 is out of range 1..250",
+        ),
+        (
+            with_service(r#","token":"t","proxy_id":"""#, ""),
+            "service.proxy_id: must be 1..=119 printable ASCII characters",
+        ),
+        (
+            with_service(&format!(r#","token":"t","proxy_id":"{}""#, "p".repeat(120)), ""),
+            "service.proxy_id: must be 1..=119",
+        ),
+        (
+            with_service(r#","token":"t","zone":"a z""#, ""),
+            "service.zone: must be at most 64 printable ASCII characters",
+        ),
+        (
+            with_service(r#","token":"t","fallback_share":0"#, ""),
+            "service.fallback_share: 0 is out of range (0, 1]",
+        ),
+        (
+            with_service(r#","token":"t","fallback_share":1.5"#, ""),
+            "service.fallback_share: 1.5 is out of range (0, 1]",
+        ),
+        (
+            with_service(r#","token":"t","fallback_share":-0.1"#, ""),
+            "service.fallback_share: -0.1 is out of range (0, 1]",
+        ),
+        (
+            with_service(r#","token":"t","fallback_share":"half""#, ""),
+            "service.fallback_share: invalid type: string",
+        ),
+        (
+            with_service(r#","token":"t""#, r#","failure_mode":"ajar""#),
+            "rules[0].failure_mode: unknown variant `ajar`, expected one of `local`, `open`, `closed`",
+        ),
+        (
+            with_service(r#","token":"t""#, r#","scope":"local","failure_mode":"open""#),
+            "rules[0].failure_mode: a local rule never asks the companion",
+        ),
+        (
+            with_service(r#","token":"t""#, r#","scope":"strict","shadow":true"#),
+            "rules[0].shadow: a strict rule in shadow mode would still hold every request",
+        ),
+        (
+            with_service(r#","token":"t""#, r#","scope":"strict","continue":true"#),
+            "rules[0].continue: a strict rule ends its chain",
+        ),
+    ];
+    for (json, want) in cases {
+        let got = err(json);
+        assert!(
+            got.starts_with(want) || got.contains(want),
+            "for {json}\n  got:  {got}\n  want: {want}"
+        );
+        assert!(!got.contains('\n'), "one line: {got}");
+    }
+    // The edges that are accepted.
+    for ok in [
+        r#","token":"t","sync_interval_ms":100,"timeout_ms":99"#,
+        r#","token":"t","sync_interval_ms":60000,"timeout_ms":59999"#,
+        r#","token":"t","fallback_share":1"#,
+        r#","token":"t","fallback_share":1e-9"#,
+        r#","token":"t","zone":"""#,
+    ] {
+        parse(with_service(ok, "").as_bytes()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+#[test]
+fn the_token_from_the_vm_environment() {
+    let c = parse(with_service(r#","token_env":"ML_TOKEN""#, "").as_bytes()).unwrap();
+    let s = c.service.unwrap();
+    let env = |value: Option<&str>| {
+        let value = value.map(str::to_string);
+        move |name: &str| {
+            assert_eq!(name, "ML_TOKEN");
+            value
+        }
+    };
+    assert_eq!(s.resolve_token(env(Some("abc\n"))).unwrap(), "abc");
+    let unset = s.resolve_token(env(None)).unwrap_err().to_string();
+    assert_eq!(
+        unset,
+        "service.token_env: the VM environment variable \"ML_TOKEN\" is not set (Envoy: vm_config.environment_variables; Istio: vmConfig.env)"
+    );
+    let empty = s.resolve_token(env(Some(" "))).unwrap_err().to_string();
+    assert_eq!(
+        empty,
+        "service.token_env: the VM environment variable \"ML_TOKEN\" is empty"
+    );
+    let bad = s.resolve_token(env(Some("a b"))).unwrap_err().to_string();
+    assert!(
+        bad.starts_with(
+            "service.token_env: the value of \"ML_TOKEN\" may only hold printable ASCII"
+        ),
+        "{bad}"
+    );
+    let inline = parse(with_service(r#","token":"t0k""#, "").as_bytes()).unwrap();
+    assert_eq!(
+        inline
+            .service
+            .unwrap()
+            .resolve_token(|_| panic!("no env read"))
+            .unwrap(),
+        "t0k"
+    );
+}
+
+#[test]
+fn proxy_identity_from_envoy_or_configured() {
+    let s = parse(with_service(r#","token":"t""#, "").as_bytes())
+        .unwrap()
+        .service
+        .unwrap();
+    assert_eq!(
+        s.resolve_identity(Some(b"envoy-az-a"), Some(b"az-a"))
+            .unwrap(),
+        ("envoy-az-a".to_string(), "az-a".to_string())
+    );
+    assert_eq!(
+        s.resolve_identity(Some(b"envoy-az-a"), None).unwrap(),
+        ("envoy-az-a".to_string(), String::new())
+    );
+    let none = s.resolve_identity(None, None).unwrap_err();
+    assert_eq!(none.path, "service.proxy_id");
+    assert!(none.reason.contains("Envoy has no node.id"), "{none}");
+    let empty = s.resolve_identity(Some(b""), None).unwrap_err();
+    assert_eq!(empty.path, "service.proxy_id");
+    let spaced = s.resolve_identity(Some(b"my envoy"), None).unwrap_err();
+    assert!(spaced.reason.contains("not usable"), "{spaced}");
+    let long = s.resolve_identity(Some(&[b'x'; 120]), None).unwrap_err();
+    assert!(long.reason.contains("not usable"), "{long}");
+    // A zone Envoy reports that the wire would refuse is left out, not fatal.
+    assert_eq!(
+        s.resolve_identity(Some(b"e"), Some(&[b'z'; 65])).unwrap().1,
+        ""
+    );
+    let set = parse(with_service(r#","token":"t","proxy_id":"gw-1","zone":"az-c""#, "").as_bytes())
+        .unwrap()
+        .service
+        .unwrap();
+    assert_eq!(
+        set.resolve_identity(Some(b"ignored"), Some(b"ignored"))
+            .unwrap(),
+        ("gw-1".to_string(), "az-c".to_string())
+    );
+}
+
+#[test]
+fn scope_changes_the_fingerprint_seed() {
+    let local = parse(with_service(r#","token":"t""#, r#","scope":"local""#).as_bytes()).unwrap();
+    let global = parse(with_service(r#","token":"t""#, "").as_bytes()).unwrap();
+    let strict = parse(with_service(r#","token":"t""#, r#","scope":"strict""#).as_bytes()).unwrap();
+    let plain = parse(one_rule("").as_bytes()).unwrap();
+    assert_eq!(
+        local.rules[0].seed, plain.rules[0].seed,
+        "local seeds are unchanged"
+    );
+    assert_ne!(global.rules[0].seed, local.rules[0].seed);
+    assert_ne!(strict.rules[0].seed, global.rules[0].seed);
+}
+
+#[test]
+fn the_companion_reads_rules_of_any_scope_without_a_service() {
+    let rules = parse_rules(one_rule(r#","scope":"global""#).as_bytes()).unwrap();
+    assert_eq!(rules[0].scope, Scope::Global);
+    assert!(parse(one_rule(r#","scope":"global""#).as_bytes()).is_err());
+}
+
 /// Found by fuzzing (`fuzz/corpus/config/crash-d2d9cc75…`, minimized here): serde quotes
 /// an unknown field or variant as written, and map keys end up in the field path, so a
 /// configuration could put a line break (or an escape sequence) into the one log line a
@@ -546,10 +867,28 @@ fn records_come_from_objects_and_choices_from_strings() {
             ),
             "rules[0].scope",
         ),
+        (
+            format!(
+                r#"{{"rules":[{}]}}"#,
+                rule.replace(r#""id":"a""#, r#""id":"a","failure_mode":{"open":null}"#)
+            ),
+            "rules[0].failure_mode",
+        ),
+        (
+            r#"{"rules":[],"failure_mode":{"closed":null}}"#.into(),
+            "failure_mode",
+        ),
+        (
+            r#"{"rules":[],"service":["meshlimit_service",null,"t"]}"#.into(),
+            "service",
+        ),
     ] {
         let e = parse(json.as_bytes()).unwrap_err();
         assert_eq!(e.path, path, "{json}: {e}");
-        let expected = if path.ends_with("headers") || path.ends_with("scope") {
+        let expected = if path.ends_with("headers")
+            || path.ends_with("scope")
+            || path.ends_with("failure_mode")
+        {
             "expected a string"
         } else {
             "expected a JSON object"
@@ -592,4 +931,21 @@ fn windows_with_multi_byte_characters_are_refused_not_a_panic() {
     assert_eq!(parse_window("366d"), Ok(366 * 86_400));
     assert!(parse_window("18446744073709551615s").is_err());
     assert!(parse_window("99999999999d").is_err());
+}
+
+#[test]
+fn a_strict_rule_may_end_a_chain_a_cheaper_rule_starts() {
+    let json = r#"{"service":{"cluster":"c","token":"t"},"rules":[
+      {"id":"shed","priority":1,"match":{"path":"/pay"},"limits":[{"window":"1m","max":100}],"continue":true},
+      {"id":"pay","match":{"path":"/pay"},"scope":"strict","limits":[{"window":"1m","max":20}]}]}"#;
+    let c = parse(json.as_bytes()).unwrap();
+    let chain: Vec<_> = c
+        .rules
+        .iter()
+        .map(|r| (r.id.as_str(), r.scope, r.continues))
+        .collect();
+    assert_eq!(
+        chain,
+        [("shed", Scope::Global, true), ("pay", Scope::Strict, false)]
+    );
 }

@@ -341,3 +341,14 @@ fn a_rejection_carries_retry_after_then_its_body_type_then_the_rate_limit_header
         serde_json::json!({"error": "rate_limited", "rule": "login", "retry_after": 30})
     );
 }
+
+#[test]
+fn the_closed_failure_mode_says_the_limiter_is_unavailable() {
+    let r = super::Rejection::unavailable("pay");
+    assert_eq!(
+        std::str::from_utf8(r.body()).unwrap(),
+        r#"{"error":"limiter_unavailable","rule":"pay","retry_after":1}"#
+    );
+    let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    assert_eq!(v["retry_after"], 1);
+}

@@ -297,7 +297,7 @@ fn run(
         rules,
         matching_rules(rules, &path, || Some(b"POST".to_vec()), |_| None),
         |rule| client_id(rule, header, || Some(b"10.0.0.1".to_vec())),
-        |rule, _fp| {
+        |_, rule, _fp| {
             charged.push(rule.id.clone());
             let ok = allow(&rule.id);
             Decision {
@@ -406,7 +406,7 @@ fn shadow_refusals_continue_and_repeated_keys_stop() {
         &rules,
         matching_rules(&rules, b"/x", || None, |_| None),
         |_| ClientKey::Repeated(0),
-        |_, _| unreachable!("a repeated key header is never charged"),
+        |_, _, _| unreachable!("a repeated key header is never charged"),
         &mut tally,
     );
     assert_eq!(v, Verdict::RepeatedKeyHeader { rule: 0, source: 0 });

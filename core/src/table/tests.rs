@@ -1,9 +1,8 @@
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
 
 use super::*;
 use crate::config::Limit;
-use crate::host::Cas;
+use crate::host::memory::MemorySharedData;
 use crate::testing::test;
 
 const S: u64 = 1_000_000_000;
@@ -75,7 +74,10 @@ fn fresh_entries_fill_free_ways_then_idle_ones_then_evict_the_least_loss() {
         Place::Replace {
             offset: 0,
             len: 17,
-            evicts_active: true
+            evicted: Evicted {
+                active: true,
+                grant_of: None
+            }
         }
     );
     // Later, when fp 3 is idle (all buckets full again) and others are not, an idle
@@ -86,7 +88,7 @@ fn fresh_entries_fill_free_ways_then_idle_ones_then_evict_the_least_loss() {
         Place::Replace {
             offset: 0,
             len: 17,
-            evicts_active: false
+            evicted: Evicted::default()
         }
     );
     assert_eq!(
@@ -94,7 +96,7 @@ fn fresh_entries_fill_free_ways_then_idle_ones_then_evict_the_least_loss() {
         Place::Replace {
             offset: 0,
             len: 17,
-            evicts_active: false
+            evicted: Evicted::default()
         },
         "idle entries are reused before the set grows"
     );
@@ -130,66 +132,6 @@ fn malformed_values_are_free_space_and_never_panic() {
     assert!(write(&huge, place, 1, &[4, 5], &mut out).len() <= WRITE_MAX);
 }
 
-/// What another worker does to the store, run between a read and its write.
-type OtherWriter = Box<dyn FnOnce(&MemorySharedData)>;
-
-/// Shared data in memory with Envoy's semantics (see [`SharedData`]): a missing key reads
-/// `(None, None)`, every write gives the key a new token, a write with a stale token is
-/// refused, a write to a missing key stores. On top, what other workers and the host do
-/// to a request in Envoy, injected on purpose:
-/// - `between`: run after a get, before its caller can set (another worker writing
-///   the same set in between), one per get while any are queued;
-/// - `failing_gets` / `failing_sets`: that many of the next reads or writes fail.
-#[derive(Default)]
-struct MemorySharedData {
-    values: RefCell<HashMap<String, (Vec<u8>, Cas)>>,
-    last_cas: Cell<Cas>,
-    between: RefCell<VecDeque<OtherWriter>>,
-    failing_gets: Cell<u32>,
-    failing_sets: Cell<u32>,
-    gets: Cell<u32>,
-    sets: Cell<u32>,
-    mismatches: Cell<u32>,
-}
-
-impl SharedData for MemorySharedData {
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<Cas>), SharedDataError> {
-        self.gets.set(self.gets.get() + 1);
-        if self.failing_gets.get() > 0 {
-            self.failing_gets.set(self.failing_gets.get() - 1);
-            return Err(SharedDataError::Other);
-        }
-        let read = match self.values.borrow().get(key) {
-            Some((value, cas)) => (Some(value.clone()), Some(*cas)),
-            None => (None, None),
-        };
-        // Popped before running: the writer may read this store itself.
-        let writer = self.between.borrow_mut().pop_front();
-        if let Some(writer) = writer {
-            writer(self);
-        }
-        Ok(read)
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<Cas>) -> Result<(), SharedDataError> {
-        self.sets.set(self.sets.get() + 1);
-        if self.failing_sets.get() > 0 {
-            self.failing_sets.set(self.failing_sets.get() - 1);
-            return Err(SharedDataError::Other);
-        }
-        let mut values = self.values.borrow_mut();
-        if let (Some((_, current)), Some(cas)) = (values.get(key), cas) {
-            if *current != cas {
-                self.mismatches.set(self.mismatches.get() + 1);
-                return Err(SharedDataError::CasMismatch);
-            }
-        }
-        self.last_cas.set(self.last_cas.get() + 1);
-        values.insert(key.to_owned(), (value.to_vec(), self.last_cas.get()));
-        Ok(())
-    }
-}
-
 impl MemorySharedData {
     /// A store holding a created table of `sets` sets, counters at zero.
     fn with_table(sets: u32) -> Self {
@@ -198,15 +140,6 @@ impl MemorySharedData {
         shared.gets.set(0);
         shared.sets.set(0);
         shared
-    }
-
-    /// Queues `writer` to run between the next get not yet served and its set.
-    fn then_between(&self, writer: impl FnOnce(&MemorySharedData) + 'static) {
-        self.between.borrow_mut().push_back(Box::new(writer));
-    }
-
-    fn value(&self, key: &str) -> Option<Vec<u8>> {
-        self.values.borrow().get(key).map(|(v, _)| v.clone())
     }
 
     fn set_value(&self, set: u32) -> Vec<u8> {
@@ -507,4 +440,321 @@ fn overload_degrades_gracefully() {
     assert!(evictions > 0);
     assert!(admitted >= clients * 3);
     assert!(admitted <= clients * 3 + evictions * 3);
+}
+
+// --- global entries ----------------------------------------------------------------
+
+use crate::gcra::SHARE_ONE;
+use crate::global::{self, FailureMode, KeyState, RuleParams, SyncView};
+use crate::report::{self, TriggerParams};
+
+fn granted(share: u32, expiry_ns: u64) -> KeyState {
+    KeyState {
+        shares: [share; crate::config::MAX_LIMITS_PER_RULE],
+        expiry_ns,
+        admitted: 0,
+        reported_ms: 0,
+    }
+}
+
+#[test]
+fn global_entries_round_trip_beside_local_ones() {
+    let now = 100 * S;
+    let state = KeyState {
+        admitted: 7,
+        ..granted(SHARE_ONE / 3, now + 60 * S)
+    };
+    let mut out = [0u8; WRITE_MAX];
+    let v = write(&[], Place::Append, 1, &[now], &mut out).to_vec();
+    let mut out = [0u8; WRITE_MAX];
+    let v = write_global(&v, Place::Append, 42, &[now + S, now], &state, 3, &mut out).to_vec();
+    assert_eq!(v.len(), 17 + entry_len(2, true));
+    assert_eq!(
+        entry_len(1, true),
+        17 + 20 + 2,
+        "37 bytes of state and the rule"
+    );
+    let mut tats = [0u64; 2];
+    let (place, found) = find_global(&v, 42, &mut tats, now);
+    assert_eq!(place, Place::Found { offset: 17 });
+    let found = found.unwrap();
+    assert_eq!(
+        found.shares[..2],
+        state.shares[..2],
+        "the shares of its 2 limits"
+    );
+    assert_eq!(
+        (found.expiry_ns, found.admitted, found.reported_ms),
+        (state.expiry_ns, 7, 0)
+    );
+    assert_eq!(tats, [now + S, now]);
+    // The local lookup of the same fingerprint does not take the global entry for its
+    // own, nor the other way round (a rule whose scope changed starts afresh).
+    assert!(!matches!(find(&v, 42, &mut tats, now), Place::Found { .. }));
+    let mut one = [0u64; 1];
+    assert!(!matches!(
+        find_global(&v, 1, &mut one, now).0,
+        Place::Found { .. }
+    ));
+    assert_eq!(find(&v, 1, &mut one, now), Place::Found { offset: 0 });
+    // A global entry whose trailer does not decode (a share above the whole limit) is
+    // rewritten in place like a fresh one.
+    let mut bad = v.clone();
+    let trailer = 17 + 9 + 16;
+    bad[trailer..trailer + 4].copy_from_slice(&(SHARE_ONE + 1).to_le_bytes());
+    let (place, found) = find_global(&bad, 42, &mut tats, now);
+    assert_eq!(found, None);
+    assert!(matches!(place, Place::Replace { offset: 17, .. }));
+}
+
+#[test]
+fn an_evicted_grant_is_handed_back_and_idle_keys_without_one_go_first() {
+    let now = 100 * S;
+    let mut v = Vec::new();
+    // Eight entries: fp 0 idle holding a grant (rule 5), fp 1 idle without one, the
+    // rest active.
+    for fp in 0..8u64 {
+        let mut out = [0u8; WRITE_MAX];
+        let (tat, state) = match fp {
+            0 => (now - S, granted(SHARE_ONE / 2, now + 60 * S)),
+            1 => (now - S, granted(SHARE_ONE / 2, 0)),
+            _ => (now + fp * S, granted(SHARE_ONE / 2, now + 60 * S)),
+        };
+        let rule = if fp == 0 { 5 } else { 1 };
+        v = write_global(&v, Place::Append, fp << 32, &[tat], &state, rule, &mut out).to_vec();
+    }
+    let len = entry_len(1, true);
+    let mut tats = [0u64; 1];
+    let (place, _) = find_global(&v, 99 << 32, &mut tats, now);
+    assert_eq!(
+        place,
+        Place::Replace {
+            offset: len,
+            len,
+            evicted: Evicted::default()
+        },
+        "the idle entry without a grant goes first"
+    );
+    // Without it, the idle one with a grant: its share is handed back.
+    let mut out = [0u8; WRITE_MAX];
+    let v = write_global(
+        &v,
+        place,
+        99 << 32,
+        &[now + 9 * S],
+        &granted(1, 0),
+        1,
+        &mut out,
+    )
+    .to_vec();
+    let (place, _) = find_global(&v, 98 << 32, &mut tats, now);
+    assert_eq!(
+        place,
+        Place::Replace {
+            offset: 0,
+            len,
+            evicted: Evicted {
+                active: false,
+                grant_of: Some((5, 0))
+            }
+        }
+    );
+    // An idle entry holding a grant is kept while the set has room.
+    let mut out = [0u8; WRITE_MAX];
+    let one = write_global(
+        &[],
+        Place::Append,
+        0,
+        &[now - S],
+        &granted(1, now + S),
+        2,
+        &mut out,
+    );
+    assert_eq!(find_global(one, 7, &mut tats, now).0, Place::Append);
+}
+
+fn params(mode: FailureMode) -> RuleParams {
+    RuleParams {
+        mode,
+        fallback_share: None,
+        trigger: TriggerParams::for_interval(S),
+    }
+}
+
+fn take_g(
+    shared: &MemorySharedData,
+    limits: &[Limit],
+    fp: u64,
+    sync: &SyncView,
+    p: &RuleParams,
+    now: u64,
+) -> global::KeyDecision {
+    take_global(
+        shared,
+        limits,
+        0,
+        fp,
+        1,
+        now,
+        || global::fresh_state(sync, p, now),
+        |tats, state| global::decide(limits, tats, state, sync, p, now),
+    )
+    .unwrap()
+    .outcome
+}
+
+#[test]
+fn a_global_take_costs_one_get_and_one_cas_and_follows_the_share() {
+    let shared = MemorySharedData::with_table(1);
+    let limits = [Limit::new(60, 40, 40).unwrap()];
+    let now = 1_000 * S;
+    let sync = sync_at(now);
+    let p = params(FailureMode::Local);
+    // A new key starts at 1/2 of the limit: 20 of its burst of 40, then refused.
+    let mut admitted = 0;
+    for i in 0..25 {
+        let d = take_g(&shared, &limits, 9, &sync, &p, now);
+        assert_eq!(d.source, global::ShareSource::NewKey(SHARE_ONE / 2));
+        assert_ne!(
+            d.reasons & report::NEW,
+            0,
+            "a new key is a report candidate"
+        );
+        if matches!(d.admission, global::Admission::Bucket(x) if x.allowed) {
+            admitted += 1;
+        } else {
+            assert_ne!(d.reasons & report::REJECTED, 0, "request {i}");
+        }
+    }
+    assert_eq!(admitted, 20);
+    assert_eq!(
+        (shared.gets.get(), shared.sets.get()),
+        (25, 20),
+        "a refusal writes nothing"
+    );
+    let (tats, state) = read_global(&shared, 1, 9, 1).unwrap();
+    assert_eq!(state.admitted, 20);
+    assert_eq!(state.shares[0], SHARE_ONE / 2);
+    assert!(tats[0] > now);
+    // The leader applies a grant of 3/4 where the entry is: the next requests run at it.
+    let found = update_global(&shared, 1, 9, 1, |tats, state| {
+        global::apply_grant(
+            &limits,
+            tats,
+            state,
+            &[3 * (SHARE_ONE / 4)],
+            now + 600 * S,
+            20,
+            report::clock_ms(now),
+            SHARE_ONE / 2,
+            now,
+        )
+    })
+    .unwrap();
+    assert!(found);
+    let (_, state) = read_global(&shared, 1, 9, 1).unwrap();
+    assert_eq!((state.admitted, state.expiry_ns), (0, now + 600 * S));
+    let later = now + 2 * S; // 2 s at 3/4 of 40 a minute: one token back
+    let d = take_g(&shared, &limits, 9, &sync_at(later), &p, later);
+    assert_eq!(d.source, global::ShareSource::Granted);
+    assert!(matches!(d.admission, global::Admission::Bucket(x) if x.allowed));
+    // A key that is not in the table is not created by a grant.
+    assert!(!update_global(&shared, 1, 1234, 1, |_, _| panic!("not found")).unwrap());
+}
+
+fn sync_at(now: u64) -> SyncView {
+    SyncView {
+        last_ok_sent_ns: Some(now),
+        proxy_ttl_ns: 3 * S,
+        n_live: 2,
+    }
+}
+
+#[test]
+fn the_failure_modes_at_the_table() {
+    let shared = MemorySharedData::with_table(1);
+    let limits = [Limit::new(60, 40, 40).unwrap()];
+    let now = 1_000 * S;
+    let gone = SyncView {
+        last_ok_sent_ns: Some(now - 10 * S),
+        proxy_ttl_ns: 3 * S,
+        n_live: 2,
+    };
+    // open: admitted without a bucket, nothing written.
+    let d = take_g(&shared, &limits, 1, &gone, &params(FailureMode::Open), now);
+    assert_eq!(d.admission, global::Admission::Open);
+    assert_eq!(d.by_failure_mode(), Some(FailureMode::Open));
+    // closed: refused, nothing written, a rejected candidate.
+    let d = take_g(
+        &shared,
+        &limits,
+        2,
+        &gone,
+        &params(FailureMode::Closed),
+        now,
+    );
+    assert_eq!(d.admission, global::Admission::Closed);
+    assert_ne!(d.reasons & report::REJECTED, 0);
+    assert_eq!(shared.sets.get(), 0);
+    // local: 1/n of the last known n (2): 20 of 40.
+    let p = params(FailureMode::Local);
+    let ok = (0..30)
+        .filter(|_| {
+            let d = take_g(&shared, &limits, 3, &gone, &p, now);
+            assert_eq!(d.by_failure_mode(), Some(FailureMode::Local));
+            matches!(d.admission, global::Admission::Bucket(x) if x.allowed)
+        })
+        .count();
+    assert_eq!(ok, 20);
+    // With a fallback share set, that share's rate (the burst floor stays 1/n): 6 s at
+    // 1/4 of 40 a minute bring one token back, where 1/2 brings two.
+    let p = RuleParams {
+        fallback_share: Some(SHARE_ONE / 4),
+        ..params(FailureMode::Local)
+    };
+    let burst = |fp: u64, p: &RuleParams, at: u64| {
+        (0..30)
+            .filter(|_| {
+                let d = take_g(&shared, &limits, fp, &gone, p, at);
+                matches!(d.admission, global::Admission::Bucket(x) if x.allowed)
+            })
+            .count()
+    };
+    assert_eq!(burst(4, &p, now), 20);
+    assert_eq!(burst(4, &p, now + 6 * S), 1);
+    assert_eq!(burst(3, &params(FailureMode::Local), now + 6 * S), 2);
+}
+
+#[test]
+fn concurrent_global_takes_never_admit_more_than_the_share() {
+    // Another worker's take lands between most reads and their CAS: the key at 1/2 of
+    // a burst of 40 admits exactly 20, whoever's request it was.
+    let limits = [Limit::new(3600, 40, 40).unwrap()];
+    let now = 1_000 * S;
+    let sync = SyncView {
+        last_ok_sent_ns: Some(now),
+        proxy_ttl_ns: 3 * S,
+        n_live: 2,
+    };
+    let p = params(FailureMode::Local);
+    let shared = MemorySharedData::with_table(1);
+    let admitted = std::rc::Rc::new(Cell::new(0u32));
+    let is_allowed =
+        |d: global::KeyDecision| matches!(d.admission, global::Admission::Bucket(x) if x.allowed);
+    for round in 0..40 {
+        let a = admitted.clone();
+        if round % 3 != 0 {
+            shared.then_between(move |s| {
+                if is_allowed(take_g(s, &limits, 77, &sync, &p, now)) {
+                    a.set(a.get() + 1);
+                }
+            });
+        }
+        if is_allowed(take_g(&shared, &limits, 77, &sync, &p, now)) {
+            admitted.set(admitted.get() + 1);
+        }
+    }
+    assert!(shared.mismatches.get() > 5);
+    assert_eq!(admitted.get(), 20);
+    assert_eq!(read_global(&shared, 1, 77, 1).unwrap().1.admitted, 20);
 }
