@@ -27,12 +27,12 @@ pub mod global;
 pub mod hash;
 pub mod headers;
 pub mod host;
+pub mod json;
 pub mod matching;
 pub mod path;
 pub mod protocol;
 pub mod report;
 pub mod shares;
-pub mod json;
 pub mod table;
 
 /// The unit tests run natively with `cargo test` and, unchanged, inside wasm

@@ -252,8 +252,7 @@ fn require_json_content_type(h: &HeaderMap) -> Result<(), ApiError> {
 /// One JSON object and nothing after it (whitespace aside); see
 /// [`meshlimit_core::json::check_one_object`].
 fn check_one_object(bytes: &[u8]) -> Result<(), ApiError> {
-    meshlimit_core::json::check_one_object(bytes)
-        .map_err(|d| ApiError::new(400, "bad_request", d))
+    meshlimit_core::json::check_one_object(bytes).map_err(|d| ApiError::new(400, "bad_request", d))
 }
 
 /// Parses one JSON document into `T`, naming the offending field; trailing bytes are an
