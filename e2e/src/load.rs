@@ -20,6 +20,9 @@ use crate::client::{Client, Request};
 /// Builds request number `i` (0, 1, 2, … per target): e.g. a client key from `i`.
 pub type RequestFn = Arc<dyn Fn(u64) -> Request + Send + Sync>;
 
+/// The class (0..n) request number `i` belongs to, e.g. its client, to count per class.
+pub type ClassFn = Arc<dyn Fn(u64) -> usize + Send + Sync>;
+
 /// Load on one target.
 #[derive(Clone)]
 pub struct Load {
@@ -33,6 +36,8 @@ pub struct Load {
     pub request: RequestFn,
     /// Width of a timeline bucket.
     pub bucket: Duration,
+    /// Counts per class as well: how many classes, and which request is in which.
+    pub classes: Option<(usize, ClassFn)>,
 }
 
 impl Load {
@@ -49,7 +54,18 @@ impl Load {
             connections: 1,
             request: Arc::new(request),
             bucket: Duration::from_millis(100),
+            classes: None,
         }
+    }
+
+    /// Counts answers per class too (`LoadReport::classes`): `class(i)` in `0..n`.
+    pub fn classes(
+        mut self,
+        n: usize,
+        class: impl Fn(u64) -> usize + Send + Sync + 'static,
+    ) -> Self {
+        self.classes = Some((n, Arc::new(class)));
+        self
     }
 
     pub fn rate(mut self, per_second: f64) -> Self {
@@ -96,6 +112,8 @@ pub struct LoadReport {
     pub max_lag: Duration,
     pub bucket: Duration,
     pub timeline: Vec<Bucket>,
+    /// Counts per class, when the load has classes (`Load::classes`).
+    pub classes: Vec<Bucket>,
     /// Microseconds, sorted: from when each request was due.
     latency_us: Vec<u32>,
 }
@@ -111,6 +129,21 @@ impl LoadReport {
     }
 
     /// Requests per second actually sent.
+    /// Counts over the timeline buckets that start in `[from, to)` (from the common start).
+    pub fn between(&self, from: Duration, to: Duration) -> Bucket {
+        let w = self.bucket.as_secs_f64();
+        let mut sum = Bucket::default();
+        for (i, b) in self.timeline.iter().enumerate() {
+            let t = Duration::from_secs_f64(i as f64 * w);
+            if t >= from && t < to {
+                sum.ok += b.ok;
+                sum.limited += b.limited;
+                sum.other += b.other;
+            }
+        }
+        sum
+    }
+
     pub fn achieved_rate(&self) -> f64 {
         self.sent as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -147,6 +180,7 @@ fn percentile(sorted: &[u32], q: f64) -> Duration {
 pub struct LoadRun {
     threads: Vec<(usize, JoinHandle<ThreadResult>)>,
     loads: Vec<Load>,
+    start: Instant,
 }
 
 #[derive(Default)]
@@ -160,6 +194,7 @@ struct ThreadResult {
     last_response: Duration,
     max_lag: Duration,
     timeline: Vec<Bucket>,
+    classes: Vec<Bucket>,
     latency_us: Vec<u32>,
 }
 
@@ -196,9 +231,19 @@ impl LoadRun {
                 threads.push((li, t));
             }
         }
-        start_cell.set(Instant::now()).expect("set once");
+        let start = Instant::now();
+        start_cell.set(start).expect("set once");
         ready.wait();
-        LoadRun { threads, loads }
+        LoadRun {
+            threads,
+            loads,
+            start,
+        }
+    }
+
+    /// When the loads started.
+    pub fn started(&self) -> Instant {
+        self.start
     }
 
     pub fn join(self) -> Vec<LoadReport> {
@@ -222,6 +267,9 @@ fn connection_loop(
     duration: Duration,
 ) -> ThreadResult {
     let mut r = ThreadResult::default();
+    if let Some((n, _)) = &load.classes {
+        r.classes = vec![Bucket::default(); *n];
+    }
     let conns = load.connections as u64;
     let bucket_us = load.bucket.as_micros().max(1) as u64;
     for j in 0u64.. {
@@ -258,24 +306,33 @@ fn connection_loop(
             r.timeline.resize(slot + 1, Bucket::default());
         }
         let b = &mut r.timeline[slot];
+        let mut scratch = Bucket::default();
+        let c = match &load.classes {
+            Some((_, class)) => r.classes.get_mut(class(i)).expect("class in 0..n"),
+            None => &mut scratch,
+        };
         match result {
             Ok(resp) => match resp.status {
                 200 => {
                     r.ok += 1;
                     b.ok += 1;
+                    c.ok += 1;
                 }
                 429 => {
                     r.limited += 1;
                     b.limited += 1;
+                    c.limited += 1;
                 }
                 s => {
                     *r.other.entry(s).or_default() += 1;
                     b.other += 1;
+                    c.other += 1;
                 }
             },
             Err(e) => {
                 r.errors += 1;
                 b.other += 1;
+                c.other += 1;
                 r.first_error.get_or_insert_with(|| e.to_string());
             }
         }
@@ -301,6 +358,7 @@ fn merge(load: &Load, parts: Vec<ThreadResult>) -> LoadReport {
         max_lag: Duration::ZERO,
         bucket: load.bucket,
         timeline: Vec::new(),
+        classes: Vec::new(),
         latency_us: Vec::new(),
     };
     for p in parts {
@@ -320,6 +378,14 @@ fn merge(load: &Load, parts: Vec<ThreadResult>) -> LoadReport {
             rep.timeline.resize(p.timeline.len(), Bucket::default());
         }
         for (a, b) in rep.timeline.iter_mut().zip(&p.timeline) {
+            a.ok += b.ok;
+            a.limited += b.limited;
+            a.other += b.other;
+        }
+        if rep.classes.len() < p.classes.len() {
+            rep.classes.resize(p.classes.len(), Bucket::default());
+        }
+        for (a, b) in rep.classes.iter_mut().zip(&p.classes) {
             a.ok += b.ok;
             a.limited += b.limited;
             a.other += b.other;
