@@ -275,7 +275,7 @@ impl RateLimitHttp {
             others,
             now_ns,
         };
-        match companion.post("/v1/strict", &body) {
+        match companion.post("/v1/strict", &body, companion.timeout) {
             Ok(token) => {
                 self.strict = Some(StrictCall { token, ..call });
                 Action::Pause

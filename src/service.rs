@@ -16,7 +16,13 @@ pub struct Companion {
     /// The configured (or Envoy's) id, without the per-start nonce.
     pub proxy_id: String,
     pub zone: String,
+    /// The strict check's deadline (`timeout_ms`): it holds a request.
     pub timeout: Duration,
+    /// A report's deadline: half the interval, and never less than `timeout_ms`. Reports
+    /// are off the request path and can be large (thousands of new keys at once); a
+    /// deadline as tight as a strict check's would fail them, and each failed report
+    /// comes back larger.
+    pub sync_timeout: Duration,
     pub interval: Duration,
     pub fallback_share: Option<u32>,
 }
@@ -37,13 +43,17 @@ impl Companion {
             proxy_id,
             zone,
             timeout: Duration::from_millis(service.timeout_ms),
+            sync_timeout: Duration::from_millis(
+                service.timeout_ms.max(service.sync_interval_ms / 2),
+            ),
             interval: Duration::from_millis(service.sync_interval_ms),
             fallback_share: service.fallback_share,
         })
     }
 
-    /// Sends `POST path` with a JSON body; the answer comes to the calling context.
-    pub fn post(&self, path: &str, body: &[u8]) -> Result<u32, ()> {
+    /// Sends `POST path` with a JSON body, answered within `timeout`; the answer comes
+    /// to the calling context.
+    pub fn post(&self, path: &str, body: &[u8], timeout: Duration) -> Result<u32, ()> {
         let headers = vec![
             (":method", "POST"),
             (":path", path),
@@ -51,6 +61,6 @@ impl Companion {
             ("content-type", "application/json"),
             ("authorization", self.authorization.as_str()),
         ];
-        host::dispatch_http_call(&self.cluster, headers, body, self.timeout)
+        host::dispatch_http_call(&self.cluster, headers, body, timeout)
     }
 }

@@ -80,7 +80,11 @@ impl Syncer {
     }
 
     fn send(&self, companion: &Companion, pending: Pending) -> Result<u32, ()> {
-        companion.post("/v1/sync", &sync::encode_report(&pending.report))
+        companion.post(
+            "/v1/sync",
+            &sync::encode_report(&pending.report),
+            companion.sync_timeout,
+        )
     }
 
     fn reporter<'a>(&'a self, plugin: &'a Plugin, companion: &'a Companion) -> Reporter<'a> {

@@ -43,6 +43,11 @@ const KEYS: [&str; 5] = [OUTBOX_KEY, LEADER_KEY, PROXY_KEY, TRACKED_KEY, NONCE_K
 /// Most candidates the outbox holds (one report's worth); beyond it new keys are
 /// dropped and counted (`meshlimit_report_dropped_total`).
 pub const OUTBOX_CAPACITY: usize = MAX_SYNC_ENTRIES;
+/// Most keys one report carries; the rest wait in the outbox for the next interval.
+/// A burst of new keys (thousands of clients seen for the first time) then drains over
+/// a few intervals in reports the companion answers well within the report deadline,
+/// instead of one report too large to answer in time, failing, and coming back larger.
+pub const REPORT_ENTRIES: usize = 2_000;
 /// Attempts of one read-modify-write before giving up (only under extreme contention).
 const MAX_ATTEMPTS: usize = 64;
 
@@ -358,7 +363,7 @@ pub fn key_hex(fingerprint: u64) -> String {
 /// The report of this interval: every key of `outbox` (deduplicated) and every tracked
 /// key that is due, each with what its entry counted since its last report (one get
 /// per key). A key whose entry is gone but which held a share (an evicted grant, a
-/// tracked key) is reported as a release. At most [`MAX_SYNC_ENTRIES`] keys; the rest
+/// tracked key) is reported as a release. At most [`REPORT_ENTRIES`] keys; the rest
 /// are handed back for the outbox. An empty report is the heartbeat.
 pub fn build_report<S: SharedData + ?Sized>(
     shared: &S,
@@ -405,7 +410,7 @@ pub fn build_report<S: SharedData + ?Sized>(
             // Nothing known about it any more, and nothing to tell.
             continue;
         }
-        if entries.len() >= MAX_SYNC_ENTRIES {
+        if entries.len() >= REPORT_ENTRIES {
             if from_outbox {
                 leftover.push(c);
             }

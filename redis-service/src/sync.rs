@@ -109,10 +109,23 @@ impl Service {
             let (local, outs) =
                 self.fallback
                     .sync(&req.proxy_id, req.interval_ms, &fops, &self.share, m);
-            for (&i, o) in missing.iter().zip(outs) {
+            // The fallback knows only the proxies that report to this instance, while the
+            // others keep the shares the store gave them. So a share from the fallback is
+            // at most 1/n, n the larger of the live count the store last told and the
+            // fallback's own: the degraded proxies together take no more than their
+            // fair part (docs/global-limits.md, "degraded companion").
+            let last_known =
+                u32::try_from(m.live_proxies.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+            let n_cap = last_known.max(local).max(1);
+            let cap = meshlimit_core::gcra::SHARE_ONE / n_cap;
+            for (&i, mut o) in missing.iter().zip(outs) {
+                for s in &mut o.shares {
+                    *s = (*s).min(cap);
+                }
                 results[i] = Some(o);
             }
-            proxies.get_or_insert(local);
+            let p = proxies.get_or_insert(n_cap);
+            *p = (*p).max(n_cap);
         }
         m.decision("sync", true, Source::Store, (n - missing.len()) as u64);
         m.decision("sync", true, Source::Fallback, missing.len() as u64);
