@@ -616,19 +616,16 @@ mod companion {
     use meshlimit_e2e::backend::Backend;
 
     #[test]
-    #[ignore = "until the companion serves the global-scope /v1/sync and /v1/strict (branch i9-svc); run with --ignored and MESHLIMIT_SERVICE_BIN"]
     fn two_envoys_hold_one_limit_within_3_percent_with_few_callouts() {
         super::scenarios::accuracy_and_callouts(&Backend::companion("test-token"));
     }
 
     #[test]
-    #[ignore = "until the companion serves the global-scope /v1/sync and /v1/strict (branch i9-svc); run with --ignored and MESHLIMIT_SERVICE_BIN"]
     fn ten_thousand_clients_of_which_ten_hot_give_reports_of_tens_of_entries() {
         super::scenarios::many_clients_few_hot(&Backend::companion("test-token"));
     }
 
     #[test]
-    #[ignore = "until the companion serves the global-scope /v1/sync and /v1/strict (branch i9-svc); run with --ignored and MESHLIMIT_SERVICE_BIN"]
     fn companion_gone_each_failure_mode_then_recovery() {
         super::scenarios::companion_gone_then_back(&Backend::companion("test-token"));
     }

@@ -271,7 +271,6 @@ fn concurrent_bursts_on_two_envoys_never_exceed_the_limit() {
 }
 
 #[test]
-#[ignore = "until the companion serves the global-scope /v1/sync and /v1/strict (branch i9-svc); run with --ignored and MESHLIMIT_SERVICE_BIN"]
 fn concurrent_bursts_on_two_envoys_never_exceed_the_limit_on_the_companion() {
     concurrent_bursts(&Backend::companion("test-token"));
 }
