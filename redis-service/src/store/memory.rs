@@ -226,6 +226,20 @@ fn stored_counts(m: &Shard, key: &str, now: u64) -> Option<WindowCounts> {
     }
 }
 
+/// Writes the buckets' `tat`s back; a bucket that is full again (`tat <= now`) needs no
+/// key.
+fn store_tats(m: &mut Shard, keys: &[String], tats: &[u64], now: u64) {
+    for (k, &tat) in keys.iter().zip(tats) {
+        if tat > now {
+            let e = Entry {
+                value: Value::Tat(tat),
+                expires_ns: tat,
+            };
+            m.insert(k.clone(), e);
+        }
+    }
+}
+
 fn stored_tat(m: &Shard, key: &str, now: u64) -> u64 {
     match m.get(key) {
         Some(Entry {
@@ -406,15 +420,7 @@ impl MemoryStore {
             gcra::check(&limits, &mut tats, now, op.hits)
         };
         if d.changed {
-            for (k, &tat) in keys.iter().zip(&tats) {
-                if tat > now {
-                    let e = Entry {
-                        value: Value::Tat(tat),
-                        expires_ns: tat,
-                    };
-                    m.insert(k.clone(), e);
-                }
-            }
+            store_tats(m, &keys, &tats, now);
         }
         let states: Vec<LimitState<u64>> = limits
             .iter()

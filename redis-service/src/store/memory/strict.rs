@@ -1,7 +1,7 @@
 //! Strict checks in the embedded store: `meshlimit_core::gcra::check` over the request's
 //! limits, all-or-nothing under the shard's lock, on this process's clock.
 
-use super::{stored_tat, Entry, MemoryStore, Value, NS_PER_MS};
+use super::{stored_tat, MemoryStore, NS_PER_MS};
 use crate::store::{ItemResult, StoreError, StrictOp};
 use meshlimit_core::config::Limit;
 use meshlimit_core::gcra;
@@ -28,16 +28,7 @@ impl MemoryStore {
         let mut tats: Vec<u64> = keys.iter().map(|k| stored_tat(&m, k, now)).collect();
         let d = gcra::check(&limits, &mut tats, now, op.hits);
         if d.changed {
-            for (k, &tat) in keys.iter().zip(&tats) {
-                // A bucket that is full again needs no key.
-                if tat > now {
-                    let e = Entry {
-                        value: Value::Tat(tat),
-                        expires_ns: tat,
-                    };
-                    m.insert(k.clone(), e);
-                }
-            }
+            super::store_tats(&mut m, &keys, &tats, now);
         }
         Ok(StrictAnswer {
             allowed: d.allowed,
