@@ -113,13 +113,17 @@ pub enum Gauge {
     TrackedKeys,
     /// Live proxies, as the last answer said.
     LiveProxies,
+    /// Most keys the next report may carry: below its maximum while reports fail (it
+    /// halves on each failure and doubles on each answer).
+    ReportCap,
 }
 
-const G: usize = 2;
+const G: usize = 3;
 
 const GAUGES: [(Gauge, &str); G] = [
     (Gauge::TrackedKeys, "meshlimit_tracked_keys"),
     (Gauge::LiveProxies, "meshlimit_live_proxies"),
+    (Gauge::ReportCap, "meshlimit_report_cap"),
 ];
 
 pub const CONFIG_ERRORS: &str = "meshlimit_config_errors_total";

@@ -126,6 +126,7 @@ impl Syncer {
             metrics::count_n(Counter::FallbackSeconds, secs as u32);
         }
         metrics::set(Gauge::LiveProxies, u64::from(state.n_live));
+        metrics::set(Gauge::ReportCap, state.report_cap() as u64);
         if self.in_flight.is_some() || !state.due(now, interval) {
             return;
         }
@@ -137,6 +138,7 @@ impl Syncer {
             &self.reporter(plugin, companion),
             outbox,
             &tracked,
+            state.report_cap(),
             now,
         );
         let dropped = sync::merge_into_outbox(shared, &leftover, sync::OUTBOX_CAPACITY);
