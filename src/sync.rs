@@ -147,6 +147,21 @@ impl Syncer {
         metrics::count_n(Counter::ReportDropped, dropped as u32);
         sync::record_sent(shared, now);
         metrics::count_n(Counter::SyncEntries, pending.keys.len() as u32);
+        let mut by_urgency = [0u32; 4];
+        for k in &pending.keys {
+            by_urgency[usize::from(sync::urgency(k.reasons).min(3))] += 1;
+        }
+        for (c, n) in [
+            Counter::SyncEntriesHot,
+            Counter::SyncEntriesDue,
+            Counter::SyncEntriesNew,
+            Counter::SyncEntriesTracked,
+        ]
+        .into_iter()
+        .zip(by_urgency)
+        {
+            metrics::count_n(c, n);
+        }
         match self.send(companion, pending.clone()) {
             Ok(token) => self.in_flight = Some(InFlight { token, pending }),
             Err(()) => self.failed(&pending, "the callout could not be sent"),

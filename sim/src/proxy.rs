@@ -112,7 +112,8 @@ pub(crate) fn build_report(cfg: &Config, px: &mut Proxy, p: u16, now: u64) -> Se
             continue;
         }
         let state = px.table.get(&client).map(Entry::state);
-        if (pending && cfg.report_pending) || report::tracked_due(state.as_ref(), now) {
+        let due = report::tracked_due(&[cfg.limit], state.as_ref(), now, cfg.interval_ns);
+        if (pending && cfg.report_pending) || due {
             keys.push((client, 0));
         }
     }
