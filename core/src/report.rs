@@ -12,11 +12,10 @@
 //!   when demand outgrows the share;
 //! - **renew**: the grant ends within `renew_within` and the key was used since;
 //! - **tracked** (chosen by the leader, not the request path): keys holding a share
-//!   above `quiet`: every interval they were used, and when unused as soon as their
-//!   silence is evidence ([`tracked_due`]), so a share whose demand moved away goes
-//!   back within a few intervals instead of a lease; and keys whose grant came back
-//!   below their target (*pending*: the others still held the difference), so they
-//!   collect it next interval.
+//!   above `quiet`, every interval (with whatever they used, possibly nothing), so a
+//!   share whose demand moved away goes back within an interval instead of a lease;
+//!   and keys whose grant came back below their target (*pending*: the others still
+//!   held the difference), so they collect it next interval.
 //!
 //! The request path calls [`reasons`] with what it has in hand and adds the key to its
 //! VM's [`CandidateSet`]: fixed capacity, no allocation after construction.
@@ -318,58 +317,14 @@ impl TrackedKeys {
     }
 }
 
-/// Requests a key with none since its last report must have missed at its share
-/// before a report of "nothing" is due. The companion takes 0 hits where its demand
-/// predicted [`ZERO_HITS_CHANGE`] or more as a real change, so the share returns in
-/// that one report, where reports every interval would each be taken for Poisson
-/// noise and only nudge it down. A share is its demand plus `ε` (1 % of the limit),
-/// a margin and, from one request per interval on, a noise headroom of at most the
-/// demand itself: with three live proxies (quiet level `1/30`) every tracked share is
-/// below 3× its demand, so 24 at the share is at least 7 at the demand. Where it is
-/// not (many proxies, tiny shares), [`QUIET_REPORT_INTERVALS`] bounds the wait.
-///
-/// [`ZERO_HITS_CHANGE`]: crate::shares::ZERO_HITS_CHANGE
-pub const QUIET_EVIDENCE: u64 = 24;
-/// A tracked key unused since its last report is due at least this many intervals
-/// after it, whatever its share: a share too small for [`QUIET_EVIDENCE`] within a
-/// lease still drifts back at this pace.
-pub const QUIET_REPORT_INTERVALS: u64 = 16;
-
-/// Whether the leader adds a tracked key to this interval's report, given its entry
-/// (`None`: evicted) and its rule's limits:
-/// - its entry is gone: once more, so the companion releases the share;
-/// - its grant has expired: no (the companion has dropped it);
-/// - it was used since its last report: every interval (its share follows its use);
-/// - it was not: when some limit's share predicted at least [`QUIET_EVIDENCE`]
-///   requests since then, or after [`QUIET_REPORT_INTERVALS`] intervals. A share whose
-///   demand moved away then returns in one report, as soon as the silence is evidence;
-///   a busy key's (a share of many requests per interval) after one interval, as
-///   before. A key seen once among thousands of clients, whose share is a request or
-///   two per interval, is not re-reported every interval for nothing.
-///
-/// (The simulation tried reporting only keys whose use fell below a fraction of their
-/// share: 8 % fewer entries, but shares then lag the small wobbles of demand and
-/// accuracy drops, Zipf, 20k clients: 0.981 against 0.994. Used keys are still
-/// reported every interval here.)
-pub fn tracked_due(limits: &[Limit], state: Option<&KeyState>, now: u64, interval_ns: u64) -> bool {
-    let Some(s) = state else {
-        return true;
-    };
-    if s.expiry_ns <= now {
-        return false;
-    }
-    if s.admitted > 0 {
-        return true;
-    }
-    let span_ns = u64::from(s.span_ms(now)) * 1_000_000;
-    if span_ns >= QUIET_REPORT_INTERVALS.saturating_mul(interval_ns) {
-        return true;
-    }
-    // share · span / (ONE · emission interval) ≥ QUIET_EVIDENCE requests.
-    limits.iter().zip(&s.shares).any(|(l, &share)| {
-        u128::from(share) * u128::from(span_ns)
-            >= u128::from(QUIET_EVIDENCE) * u128::from(SHARE_ONE) * u128::from(l.interval_ns)
-    })
+/// Whether the leader adds a tracked key to this interval's report: every interval
+/// while its grant lasts (with whatever it used, possibly nothing), and once more when
+/// its entry is gone (evicted: so the companion releases the share). The simulation
+/// tried reporting only keys whose use fell below a fraction of their share: 8 % fewer
+/// entries, but shares then lag the small wobbles of demand and accuracy drops (Zipf,
+/// 20k clients: 0.981 against 0.994).
+pub fn tracked_due(state: Option<&KeyState>, now: u64) -> bool {
+    state.is_none_or(|s| s.expiry_ns > now)
 }
 
 #[cfg(test)]

@@ -49,10 +49,6 @@ pub struct Peer<Id> {
     pub updated_ms: u64,
 }
 
-/// Predicted count from which a report of 0 hits is a change, not noise
-/// ([`Smoothing::next`]).
-pub const ZERO_HITS_CHANGE: u64 = 7;
-
 /// How a proxy's demand follows what it reports. Counts over one interval are noisy
 /// (a proxy seeing 12 requests per interval sees 12 ± 3.5, a quiet key sees 0 or 1),
 /// and every wobble of a small proxy's share costs the saturated ones: capacity it
@@ -62,12 +58,7 @@ pub const ZERO_HITS_CHANGE: u64 = 7;
 ///   `d ← (keep·d + x) / (keep + 1)`;
 /// - a report beyond it is a real change (the demand moved, stopped or grew):
 ///   `d ← x` at once, so a share whose demand went elsewhere comes back within one
-///   report. A quiet key that saw nothing this interval (`e = 1`, 0 hits) is noise;
-/// - a count of 0 where at least [`ZERO_HITS_CHANGE`] were predicted is a change too:
-///   the normal approximation above needs `e > k²` for it, but a Poisson count of 0 at
-///   `e = 7` has a chance of 0.09 %, below the approximation's own 3σ tail. A sparse
-///   key's silence (reported when it is evidence: `report::tracked_due`) then returns
-///   its share in one report instead of nudging it down report after report.
+///   report. A quiet key that saw nothing this interval (`e = 1`, 0 hits) is noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Smoothing {
     pub keep: u32,
@@ -81,7 +72,7 @@ impl Smoothing {
     pub fn next(&self, d: u64, x: u64, hits: u64, e: u64) -> u64 {
         let k = u128::from(self.jump_sigmas);
         let dev = u128::from(hits.abs_diff(e));
-        if dev * dev > k * k * u128::from(e.max(1)) || (hits == 0 && e >= ZERO_HITS_CHANGE) {
+        if dev * dev > k * k * u128::from(e.max(1)) {
             return x;
         }
         let keep = u64::from(self.keep);
@@ -166,16 +157,7 @@ pub fn want(demand: u64, p: &ShareParams) -> u64 {
 /// random-walks empty under Poisson arrivals and refuses a client that is within its
 /// limit; the headroom that prevents it grows with √demand, so it is large for small
 /// demands and small for large ones. Only handed out from capacity no one else wants.
-///
-/// None below one expected request per interval (`d · per_interval < 1`): there the
-/// bucket's depth (at least `burst/n`, at least one token) and `ε` absorb the noise,
-/// and a headroom would only keep a sparse key's share above the quiet level, so that
-/// each of thousands of clients seen now and then is re-reported every interval (the
-/// leader tracks shares above it) for nothing.
 pub fn headroom(d: u64, per_interval: u64, p: &ShareParams) -> u64 {
-    if d <= (ONE - 1) / per_interval.max(1) {
-        return 0;
-    }
     let var = u128::from(d.min(DEMAND_CAP)) * u128::from(ONE) / u128::from(per_interval.max(1));
     u64::from(p.headroom_sigmas) * (var.min(u128::from(u64::MAX)) as u64).isqrt()
 }

@@ -444,12 +444,10 @@ pub fn build_report<S: SharedData + ?Sized>(
         let entry = table::read_global(shared, k, c.fingerprint, who.sets);
         let state = entry.map(|(_, s)| s);
         if !from_outbox {
-            // A tracked key: while its grant lasts, every interval it was used and
-            // otherwise when its silence is evidence (`report::tracked_due`), every
-            // interval while pending (`RETRY` here), once more when its entry is gone.
+            // A tracked key: every interval while its grant lasts, again while pending
+            // (`RETRY` here), once more when its entry is gone.
             let pending = c.reasons & report::RETRY != 0;
-            let interval_ns = who.interval_ms.saturating_mul(1_000_000);
-            if !pending && !report::tracked_due(&rule.limits, state.as_ref(), now, interval_ns) {
+            if !pending && !report::tracked_due(state.as_ref(), now) {
                 continue;
             }
         }

@@ -101,10 +101,10 @@ local function expected_hits(d, max, window_ms, span_ms)
   return idiv(mul_div(d, max * span_ms, math.max(window_ms, 1)), ONE)
 end
 
--- shares::Smoothing::next (7: shares::ZERO_HITS_CHANGE)
+-- shares::Smoothing::next
 local function smooth(d, x, hits, e)
   local dev = math.abs(hits - e)
-  if dev * dev > jump_sigmas * jump_sigmas * math.max(e, 1) or (hits == 0 and e >= 7) then
+  if dev * dev > jump_sigmas * jump_sigmas * math.max(e, 1) then
     return x
   end
   return idiv(keep * d + x, keep + 1)
@@ -129,10 +129,6 @@ local function isqrt(v)
 end
 
 local function headroom(d, per_interval)
-  -- none below one expected request per interval (core::shares::headroom)
-  if d <= idiv(ONE - 1, math.max(per_interval, 1)) then
-    return 0
-  end
   local var = mul_div(math.min(d, DEMAND_CAP), ONE, math.max(per_interval, 1))
   return headroom_sigmas * isqrt(var)
 end

@@ -112,8 +112,7 @@ pub(crate) fn build_report(cfg: &Config, px: &mut Proxy, p: u16, now: u64) -> Se
             continue;
         }
         let state = px.table.get(&client).map(Entry::state);
-        let due = report::tracked_due(&[cfg.limit], state.as_ref(), now, cfg.interval_ns);
-        if (pending && cfg.report_pending) || due {
+        if (pending && cfg.report_pending) || report::tracked_due(state.as_ref(), now) {
             keys.push((client, 0));
         }
     }

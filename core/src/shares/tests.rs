@@ -253,15 +253,6 @@ fn noise_is_averaged_and_real_changes_jump() {
     assert_eq!(sm.next(one, one / 10, 10, 100), one / 10);
     // A quiet key that saw nothing this interval is noise, not a collapse.
     assert_eq!(sm.next(one / 100, 0, 0, 1), one / 100 * 3 / 4);
-    // Nothing where 7 were expected is a change (a Poisson 0 at 7: 0.09 %), though
-    // within 3σ of the normal approximation (49 ≤ 9·7); at 6 it is still noise, and
-    // one hit at 7 is too.
-    assert_eq!(sm.next(one / 10, 0, 0, 7), 0);
-    assert_eq!(sm.next(one / 10, 0, 0, 6), one / 10 * 3 / 4);
-    assert_eq!(
-        sm.next(one / 10, one / 70, 1, 7),
-        (3 * (one / 10) + one / 70) / 4
-    );
     assert_eq!(expected_hits(one / 10, 1000, 1000, 2000), 200);
 }
 
@@ -281,12 +272,6 @@ fn spare_capacity_gives_noise_headroom_and_contention_gives_none() {
         "{g}"
     );
     assert_eq!(headroom(u64::from(SHARE_ONE) / 5, 1000, &p), 14_142_135);
-    // Below one expected request per interval, none: 1 % of a limit of 20 per interval
-    // is 0.2 requests; 5 % is exactly one, 6 % above it.
-    assert_eq!(headroom(u64::from(SHARE_ONE) / 100, 20, &p), 0);
-    assert_eq!(headroom(u64::from(SHARE_ONE) / 20 - 1, 20, &p), 0);
-    assert_eq!(headroom(u64::from(SHARE_ONE) / 20, 20, &p), 50_000_000);
-    assert!(headroom(u64::from(SHARE_ONE) * 6 / 100, 20, &p) > 50_000_000);
     // Contended (everyone over the limit): no headroom, exact thirds.
     let mut peers = Vec::new();
     let g = (0..3u64).map(|r| {
