@@ -697,6 +697,11 @@ fn az_partition(topo: &Topology, failures: &mut Vec<String>) {
     let secs = (total - after).as_secs_f64();
     let all: u64 = reports.iter().map(|r| r.between(after, total).ok).sum();
     let acc = all as f64 / (secs * 100.0);
+    let per_az: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{:.1}", r.between(after, total).ok as f64 / secs))
+        .collect();
+    eprintln!("  after the heal, per AZ per second: {}", per_az.join(" "));
     check(
         failures,
         "scenario 7",
