@@ -66,7 +66,6 @@ impl Syncer {
                 proxy_id: s.wire_id.clone(),
                 zone: companion.zone.clone(),
                 interval_ms: companion.interval.as_millis() as u64,
-                deadline_ms: companion.sync_timeout.as_millis() as u64,
                 entries: Vec::new(),
             },
             keys: Vec::new(),
@@ -95,7 +94,6 @@ impl Syncer {
             proxy_id: &self.wire_id,
             zone: &companion.zone,
             interval_ms: companion.interval.as_millis() as u64,
-            deadline_ms: companion.sync_timeout.as_millis() as u64,
         }
     }
 

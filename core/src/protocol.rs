@@ -149,11 +149,6 @@ pub struct SyncReport {
     /// The proxy's sync interval: the companion counts it live for three of them after
     /// each report.
     pub interval_ms: u64,
-    /// How long the proxy waits for the answer (its callout's timeout); 0 = not said.
-    /// The companion answers within it (from its fallback if the store is slower)
-    /// rather than after the proxy has given up and counted the report failed.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub deadline_ms: u64,
     pub entries: Vec<ReportedKey>,
 }
 
@@ -240,10 +235,6 @@ pub struct StrictAnswer {
     pub retry_after_ms: u64,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -319,9 +310,6 @@ impl SyncReport {
         }
         if self.interval_ms == 0 || self.interval_ms > MAX_INTERVAL_MS {
             return Err(format!("interval_ms: out of range 1..={MAX_INTERVAL_MS}"));
-        }
-        if self.deadline_ms > MAX_INTERVAL_MS {
-            return Err(format!("deadline_ms: above {MAX_INTERVAL_MS}"));
         }
         if self.entries.len() > MAX_SYNC_ENTRIES {
             return Err(format!(
@@ -429,7 +417,6 @@ mod tests {
             proxy_id: "envoy-a/1".into(),
             zone: "az1".into(),
             interval_ms: 1000,
-            deadline_ms: 500,
             entries: vec![reported("api", "00ff00ff00ff00ff")],
         };
         assert!(report.validate().is_ok());
@@ -560,7 +547,6 @@ mod tests {
             proxy_id: "envoy-a/0000002a".into(),
             zone: "az-a".into(),
             interval_ms: 1000,
-            deadline_ms: 0,
             entries: vec![ReportedKey {
                 rule: "api".into(),
                 key: "00ff00ff00ff00ff".into(),

@@ -375,8 +375,6 @@ pub struct Reporter<'a> {
     pub proxy_id: &'a str,
     pub zone: &'a str,
     pub interval_ms: u64,
-    /// The callout's timeout, told to the companion ([`SyncReport::deadline_ms`]).
-    pub deadline_ms: u64,
 }
 
 /// A fingerprint as the wire writes it: 16 lower-case hex digits.
@@ -485,7 +483,6 @@ pub fn build_report<S: SharedData + ?Sized>(
         proxy_id: who.proxy_id.to_string(),
         zone: who.zone.to_string(),
         interval_ms: who.interval_ms,
-        deadline_ms: who.deadline_ms,
         entries,
     };
     let pending = Pending {
@@ -578,13 +575,7 @@ pub fn apply_answer<S: SharedData + ?Sized>(
             st.n_live = n;
             st.lease_ms = answer.lease_ms;
         }
-        // A degraded answer (the companion's store was too slow or away) shrinks the
-        // next report like a failure; it is applied all the same.
-        st.report_cap = if answer.degraded {
-            shrunk_cap(st.report_cap(), pending.keys.len())
-        } else {
-            st.report_cap().saturating_mul(2).min(REPORT_ENTRIES)
-        } as u32;
+        st.report_cap = (st.report_cap().saturating_mul(2)).min(REPORT_ENTRIES) as u32;
     });
     let floor = SHARE_ONE / n;
     let quiet = tracked_params.quiet(n);
@@ -647,15 +638,6 @@ pub fn apply_answer<S: SharedData + ?Sized>(
     applied
 }
 
-/// The cap after a report of `sent` keys failed (or was answered degraded): half of
-/// what it carried, at least [`MIN_REPORT_ENTRIES`]; a heartbeat leaves it.
-fn shrunk_cap(cap: usize, sent: usize) -> usize {
-    if sent == 0 {
-        return cap;
-    }
-    (cap.min(sent) / 2).max(MIN_REPORT_ENTRIES)
-}
-
 /// Puts the keys of a report that failed back into the outbox (with their rejected
 /// counts; the admitted counts were never subtracted), so the next report carries
 /// them, and halves the size of the next report (from what this one carried: see
@@ -665,7 +647,7 @@ pub fn requeue<S: SharedData + ?Sized>(shared: &S, pending: &Pending) -> u64 {
     if sent > 0 {
         // A failed heartbeat says nothing about the size a report can have.
         update_proxy(shared, |st| {
-            st.report_cap = shrunk_cap(st.report_cap(), sent) as u32
+            st.report_cap = (st.report_cap().min(sent) / 2).max(MIN_REPORT_ENTRIES) as u32;
         });
     }
     let again: Vec<Candidate> = (pending.keys.iter())

@@ -49,19 +49,6 @@ fn to_op(svc: &Service, e: &meshlimit_core::protocol::ReportedKey) -> (SyncOp, V
 }
 
 impl Service {
-    /// How long the store may take on `req`: `--sync-timeout-ms`, or less when the proxy
-    /// said it waits less (four fifths of its deadline, the rest for the fallback, the
-    /// answer and the way back). An answer the proxy has stopped waiting for is work
-    /// lost twice: the proxy counts the report failed and sends its keys again.
-    fn report_deadline(&self, req: &SyncReport) -> std::time::Duration {
-        match req.deadline_ms {
-            0 => self.sync_deadline,
-            ms => self
-                .sync_deadline
-                .min(std::time::Duration::from_millis((ms * 4 / 5).max(1))),
-        }
-    }
-
     /// `/v1/sync`.
     pub async fn sync(&self, req: &SyncReport) -> Result<SyncAnswer, ApiError> {
         req.validate().map_err(ApiError::bad_request)?;
@@ -80,9 +67,8 @@ impl Service {
         // into counts owed (which the probe would then have to write back before checks
         // could use the store again), and a store that is gone fails them fast anyway.
         let t = Instant::now();
-        let deadline = self.report_deadline(req);
         let r = tokio::time::timeout(
-            deadline,
+            self.sync_deadline,
             self.store
                 .sync(&req.proxy_id, req.interval_ms, &ops, &self.share),
         )
@@ -106,7 +92,10 @@ impl Service {
             // `Service::store_failed`).
             Err(_) => {
                 m.store_error("sync_deadline");
-                tracing::debug!("sync report missed its deadline of {:?}", deadline);
+                tracing::debug!(
+                    "sync report missed its deadline of {:?}",
+                    self.sync_deadline
+                );
                 (None, vec![None; n])
             }
         };

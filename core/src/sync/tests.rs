@@ -35,7 +35,6 @@ fn who(rules: &[Rule]) -> Reporter<'_> {
         proxy_id: "p/00000001",
         zone: "az-a",
         interval_ms: 500,
-        deadline_ms: 250,
     }
 }
 
@@ -209,7 +208,6 @@ fn the_report_cap_halves_on_failures_down_to_its_floor_and_doubles_on_answers() 
             proxy_id: "p/00000001".into(),
             zone: "az-a".into(),
             interval_ms: 500,
-            deadline_ms: 250,
             entries: Vec::new(),
         },
         keys: Vec::new(),
