@@ -4,7 +4,7 @@
 #   scripts/bench-filter.sh            5 rounds x 5 cases x 5 s (about 3 minutes)
 #   ROUNDS=3 DURATION=3 scripts/bench-filter.sh
 #   BODY_BYTES=262144 scripts/bench-filter.sh      responses of 256 KB instead of 2 bytes
-#   WASM=target/wasm32-wasip1/release/meshlimit_filter.wasm scripts/bench-filter.sh
+#   WASM=target/wasm32-wasip1/wasm/meshlimit_filter.wasm scripts/bench-filter.sh
 #                                                  the module before wasm-trim
 #   BASELINE=/tmp/old/meshlimit.wasm scripts/bench-filter.sh
 #                                                  adds base-1 and base-10k: wasm-1 and

@@ -40,6 +40,13 @@ pub enum Counter {
     SyncLatencyMs,
     /// Keys carried by reports that were sent.
     SyncEntries,
+    /// The same keys by why they were sent ([`meshlimit_core::sync::urgency`]): refused
+    /// or draining their share, waiting (the rest of a target, a renewal, a release, a
+    /// failed report's retry), new, tracked. What makes reports large, for an operator.
+    SyncEntriesHot,
+    SyncEntriesDue,
+    SyncEntriesNew,
+    SyncEntriesTracked,
     /// Keys not reported because a VM's candidate set or the proxy's outbox was full.
     ReportDropped,
     /// Grants from the companion written to their keys' entries.
@@ -56,7 +63,7 @@ pub enum Counter {
     StrictFailedLocal,
 }
 
-const N: usize = 23;
+const N: usize = 27;
 
 const COUNTERS: [(Counter, &str); N] = [
     (Counter::Allowed, "meshlimit_allowed_total"),
@@ -86,6 +93,13 @@ const COUNTERS: [(Counter, &str); N] = [
     (Counter::SyncFailed, "meshlimit_sync_failed_total"),
     (Counter::SyncLatencyMs, "meshlimit_sync_latency_ms_total"),
     (Counter::SyncEntries, "meshlimit_sync_entries_total"),
+    (Counter::SyncEntriesHot, "meshlimit_sync_entries_hot_total"),
+    (Counter::SyncEntriesDue, "meshlimit_sync_entries_due_total"),
+    (Counter::SyncEntriesNew, "meshlimit_sync_entries_new_total"),
+    (
+        Counter::SyncEntriesTracked,
+        "meshlimit_sync_entries_tracked_total",
+    ),
     (Counter::ReportDropped, "meshlimit_report_dropped_total"),
     (Counter::GrantsApplied, "meshlimit_grants_applied_total"),
     (Counter::FallbackSeconds, "meshlimit_fallback_seconds_total"),
@@ -113,13 +127,17 @@ pub enum Gauge {
     TrackedKeys,
     /// Live proxies, as the last answer said.
     LiveProxies,
+    /// Most keys the next report may carry: below its maximum while reports fail (it
+    /// halves on each failure and doubles on each answer).
+    ReportCap,
 }
 
-const G: usize = 2;
+const G: usize = 3;
 
 const GAUGES: [(Gauge, &str); G] = [
     (Gauge::TrackedKeys, "meshlimit_tracked_keys"),
     (Gauge::LiveProxies, "meshlimit_live_proxies"),
+    (Gauge::ReportCap, "meshlimit_report_cap"),
 ];
 
 pub const CONFIG_ERRORS: &str = "meshlimit_config_errors_total";

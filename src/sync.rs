@@ -126,6 +126,7 @@ impl Syncer {
             metrics::count_n(Counter::FallbackSeconds, secs as u32);
         }
         metrics::set(Gauge::LiveProxies, u64::from(state.n_live));
+        metrics::set(Gauge::ReportCap, state.report_cap() as u64);
         if self.in_flight.is_some() || !state.due(now, interval) {
             return;
         }
@@ -137,12 +138,28 @@ impl Syncer {
             &self.reporter(plugin, companion),
             outbox,
             &tracked,
+            state.report_cap(),
             now,
         );
         let dropped = sync::merge_into_outbox(shared, &leftover, sync::OUTBOX_CAPACITY);
         metrics::count_n(Counter::ReportDropped, dropped as u32);
         sync::record_sent(shared, now);
         metrics::count_n(Counter::SyncEntries, pending.keys.len() as u32);
+        let mut by_urgency = [0u32; 4];
+        for k in &pending.keys {
+            by_urgency[usize::from(sync::urgency(k.reasons).min(3))] += 1;
+        }
+        for (c, n) in [
+            Counter::SyncEntriesHot,
+            Counter::SyncEntriesDue,
+            Counter::SyncEntriesNew,
+            Counter::SyncEntriesTracked,
+        ]
+        .into_iter()
+        .zip(by_urgency)
+        {
+            metrics::count_n(c, n);
+        }
         match self.send(companion, pending.clone()) {
             Ok(token) => self.in_flight = Some(InFlight { token, pending }),
             Err(()) => self.failed(&pending, "the callout could not be sent"),

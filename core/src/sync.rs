@@ -48,6 +48,10 @@ pub const OUTBOX_CAPACITY: usize = MAX_SYNC_ENTRIES;
 /// a few intervals in reports the companion answers well within the report deadline,
 /// instead of one report too large to answer in time, failing, and coming back larger.
 pub const REPORT_ENTRIES: usize = 2_000;
+/// Fewest keys a report may carry however often reports fail: [`ProxyState::report_cap`]
+/// halves on every failure down to this, and doubles on every success back to
+/// [`REPORT_ENTRIES`].
+pub const MIN_REPORT_ENTRIES: usize = 64;
 /// Attempts of one read-modify-write before giving up (only under extreme contention).
 const MAX_ATTEMPTS: usize = 64;
 
@@ -114,10 +118,26 @@ pub struct ProxyState {
     /// When the last report was sent, answered or not: the next is due an interval
     /// later, whichever VM leads by then.
     pub last_sent_ns: u64,
+    /// Most keys the next report carries (0: never set, [`REPORT_ENTRIES`]). Additive
+    /// increase would take too long to come back after an outage, so both ways are
+    /// multiplicative: a failed report halves it (from what that report carried), a
+    /// valid answer doubles it. A companion that cannot answer a burst of new keys in
+    /// time (its store is slow, the machine is busy) is then sent reports it can answer,
+    /// and the backlog drains over a few intervals, most urgent keys first
+    /// ([`urgency`]), instead of every report failing at the deadline.
+    pub report_cap: u32,
 }
 
 impl ProxyState {
-    const LEN: usize = 28;
+    const LEN: usize = 32;
+
+    /// Most keys the next report carries.
+    pub fn report_cap(&self) -> usize {
+        match self.report_cap {
+            0 => REPORT_ENTRIES,
+            c => (c as usize).clamp(MIN_REPORT_ENTRIES, REPORT_ENTRIES),
+        }
+    }
 
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::LEN);
@@ -125,6 +145,7 @@ impl ProxyState {
         out.extend_from_slice(&self.n_live.to_le_bytes());
         out.extend_from_slice(&self.lease_ms.to_le_bytes());
         out.extend_from_slice(&self.last_sent_ns.to_le_bytes());
+        out.extend_from_slice(&self.report_cap.to_le_bytes());
         out
     }
 
@@ -137,6 +158,7 @@ impl ProxyState {
             n_live: u32_at(b, 8),
             lease_ms: u64_at(b, 12),
             last_sent_ns: u64_at(b, 20),
+            report_cap: u32_at(b, 28),
         }
     }
 
@@ -360,16 +382,35 @@ pub fn key_hex(fingerprint: u64) -> String {
     format!("{fingerprint:016x}")
 }
 
+/// How soon a key must be reported (0 first), from why: keys refused or draining
+/// their share first (the ones whose share limits what a client gets), then keys
+/// waiting for the rest of their target or a renewal, or releasing a share, then new
+/// keys (they run at `1/n` meanwhile), then tracked keys (their share only returns to
+/// the pool). When a report cannot carry everything, the least urgent wait.
+pub fn urgency(reasons: u8) -> u8 {
+    if reasons & (report::REJECTED | report::HOT) != 0 {
+        0
+    } else if reasons & (report::RETRY | report::RENEW | report::RELEASE) != 0 {
+        1
+    } else if reasons & report::NEW != 0 {
+        2
+    } else {
+        3
+    }
+}
+
 /// The report of this interval: every key of `outbox` (deduplicated) and every tracked
 /// key that is due, each with what its entry counted since its last report (one get
 /// per key). A key whose entry is gone but which held a share (an evicted grant, a
-/// tracked key) is reported as a release. At most [`REPORT_ENTRIES`] keys; the rest
-/// are handed back for the outbox. An empty report is the heartbeat.
+/// tracked key) is reported as a release. At most `cap` keys (see
+/// [`ProxyState::report_cap`]), the most urgent first ([`urgency`]); the rest of the
+/// outbox is handed back for the next report. An empty report is the heartbeat.
 pub fn build_report<S: SharedData + ?Sized>(
     shared: &S,
     who: &Reporter<'_>,
     outbox: Vec<Candidate>,
     tracked: &TrackedKeys,
+    cap: usize,
     now: u64,
 ) -> (Pending, Vec<Candidate>) {
     let mut entries = Vec::new();
@@ -385,9 +426,12 @@ pub fn build_report<S: SharedData + ?Sized>(
             reasons,
         }
     });
-    for (from_outbox, c) in
-        (outbox.into_iter().map(|c| (true, c))).chain(tracked_keys.map(|c| (false, c)))
-    {
+    let mut all: Vec<(bool, Candidate)> = (outbox.into_iter().map(|c| (true, c)))
+        .chain(tracked_keys.map(|c| (false, c)))
+        .collect();
+    // Stable: among equals, the outbox's order (first seen first), then the tracked.
+    all.sort_by_key(|(_, c)| urgency(c.reasons));
+    for (from_outbox, c) in all {
         let Some(rule) = who.rules.get(usize::from(c.rule)) else {
             continue;
         };
@@ -410,7 +454,7 @@ pub fn build_report<S: SharedData + ?Sized>(
             // Nothing known about it any more, and nothing to tell.
             continue;
         }
-        if entries.len() >= REPORT_ENTRIES {
+        if entries.len() >= cap {
             if from_outbox {
                 leftover.push(c);
             }
@@ -531,6 +575,7 @@ pub fn apply_answer<S: SharedData + ?Sized>(
             st.n_live = n;
             st.lease_ms = answer.lease_ms;
         }
+        st.report_cap = (st.report_cap().saturating_mul(2)).min(REPORT_ENTRIES) as u32;
     });
     let floor = SHARE_ONE / n;
     let quiet = tracked_params.quiet(n);
@@ -595,8 +640,16 @@ pub fn apply_answer<S: SharedData + ?Sized>(
 
 /// Puts the keys of a report that failed back into the outbox (with their rejected
 /// counts; the admitted counts were never subtracted), so the next report carries
-/// them. Returns the keys dropped because the outbox was full.
+/// them, and halves the size of the next report (from what this one carried: see
+/// [`ProxyState::report_cap`]). Returns the keys dropped because the outbox was full.
 pub fn requeue<S: SharedData + ?Sized>(shared: &S, pending: &Pending) -> u64 {
+    let sent = pending.keys.len();
+    if sent > 0 {
+        // A failed heartbeat says nothing about the size a report can have.
+        update_proxy(shared, |st| {
+            st.report_cap = (st.report_cap().min(sent) / 2).max(MIN_REPORT_ENTRIES) as u32;
+        });
+    }
     let again: Vec<Candidate> = (pending.keys.iter())
         .filter(|k| k.reasons & report::TRACKED == 0 || k.rejected > 0)
         .map(|k| Candidate {

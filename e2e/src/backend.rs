@@ -5,7 +5,6 @@
 //! stands for a companion that crashed and came back on the same address.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::companion::{Companion, CompanionSpec};
@@ -38,12 +37,7 @@ impl Backend {
 
     /// The real companion with bearer token `token`, on its in-memory store.
     pub fn companion(token: &str) -> Backend {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "meshlimit-e2e-companion-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
+        let dir = crate::tempdir("e2e-companion");
         let spec = CompanionSpec::loopback("companion", token, dir.clone());
         let companion = Box::new(Companion::start(spec));
         Backend::Companion { companion, dir }

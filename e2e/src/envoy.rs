@@ -3,10 +3,9 @@
 
 use std::fs::{self, File};
 use std::io::{BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -280,15 +279,6 @@ fn static_cluster(name: &str, port: u16) -> Value {
     })
 }
 
-/// A port the kernel just handed out. Another process could take it before Envoy binds
-/// it; that shows up as a start failure naming the address.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
-}
-
 /// A running Envoy. Killed (with its process group) on Drop; its temp dir (config and
 /// log) is removed then, unless the test is panicking, so a failure can be inspected.
 pub struct Envoy {
@@ -321,7 +311,9 @@ impl Envoy {
     }
 
     pub fn try_start_with(opts: EnvoyOptions) -> Result<Envoy, String> {
-        let (port, admin_port) = opts.ports.unwrap_or_else(|| (free_port(), free_port()));
+        let (port, admin_port) = opts
+            .ports
+            .unwrap_or_else(|| (crate::free_port(), crate::free_port()));
         let bootstrap = opts.bootstrap(port, admin_port);
         let (dir, caller_dir) = match &opts.dir {
             Some(d) => {
@@ -502,13 +494,5 @@ impl Drop for Envoy {
 }
 
 fn new_temp_dir() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "meshlimit-e2e-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+    crate::tempdir("e2e")
 }

@@ -28,6 +28,10 @@ pub mod h2;
 pub mod istio;
 pub mod lb;
 pub mod load;
+/// Free loopback ports (never one handed out twice, nor one whose +10 000 cluster-bus
+/// port is taken) and fresh temp dirs: the companion's tests' one implementation.
+#[path = "../../redis-service/tests/support/machine.rs"]
+pub mod machine;
 pub mod netns;
 pub mod peer;
 pub mod process;
@@ -36,10 +40,11 @@ pub mod topology;
 pub mod upstream;
 
 pub use client::{send_concurrent, send_raw, Client, Request, Response};
-pub use envoy::{free_port, Envoy, EnvoyOptions, SHIPPED_PATH_OPTIONS};
+pub use envoy::{Envoy, EnvoyOptions, SHIPPED_PATH_OPTIONS};
 pub use h2::send_h2;
 pub use lb::LoadBalancer;
 pub use load::{Load, LoadReport, LoadRun};
+pub use machine::{free_port, tempdir};
 pub use topology::{Az, Topology, TopologyOptions};
 pub use upstream::Upstream;
 

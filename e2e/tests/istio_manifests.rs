@@ -587,6 +587,7 @@ fn the_deployment_ships_the_trimmed_module() {
         for untrimmed in [
             "meshlimit_filter.wasm",
             "wasm32-wasip1/release",
+            "wasm32-wasip1/wasm",
             "cargo build",
         ] {
             assert!(!text.contains(untrimmed), "{name} mentions {untrimmed:?}");
