@@ -2,7 +2,7 @@
 # Throughput and latency cost of the meshlimit filter inside Envoy, measured with wrk, in
 # local, global and strict scope; then the accuracy figures of global scope.
 #
-#   scripts/bench-filter.sh            5 rounds x 11 runs x 5 s (about 6 minutes)
+#   scripts/bench-filter.sh            5 rounds x 12 runs x 5 s (about 7 minutes)
 #   ROUNDS=2 DURATION=2 scripts/bench-filter.sh     a quick look
 #   SCENARIOS=1 scripts/bench-filter.sh             also the three-AZ scenarios 1-2 (root)
 #   BODY_BYTES=262144 scripts/bench-filter.sh      responses of 256 KB instead of 2 bytes
@@ -36,6 +36,9 @@
 #           one POST /v1/strict, which the companion decides in Redis (Lua). A failed
 #           check would be a 429 and fail the run; the script also checks that
 #           meshlimit_strict_allowed_total grew and no strict check failed.
+#   companion (one-connection pass only)  no Envoy: wrk sends strict-1's check (the same
+#           body the filter builds) straight to the companion's /v1/strict: the part of
+#           strict scope's added latency that is the companion and Redis themselves.
 #
 # Set-up: every Envoy --concurrency 1, pinned to CPU 0 (all its threads: the worker that
 # runs requests and the main thread whose VM sends the reports, so the sync's cost is in
@@ -57,12 +60,13 @@
 #
 # Two passes per round. With 8 connections (CONNECTIONS) Envoy is saturated: the
 # throughput figures, and p50/p99 that are mostly queueing (latency ~ 8 / req/s). Then
-# wasm-1, global-1 and strict-1 again with ONE connection (LATENCY_CONNECTIONS): a request
-# is only sent when the previous one is answered, nothing queues in Envoy, so strict-1's
-# p99 minus wasm-1's (same round, same Envoy build, same rule, only the scope differs) is
-# what the callout itself adds to a request: Envoy's HTTP client, the companion, one Redis
-# script call, on loopback. That is the figure the strict target is about; under
-# saturation the added p99 would mostly be the other 7 connections' requests waiting.
+# wasm-1, global-1, strict-1 and companion with ONE connection (LATENCY_CONNECTIONS): a
+# request is only sent when the previous one is answered, nothing queues in Envoy, so
+# strict-1's p99 minus wasm-1's (same round, same Envoy build, same rule, only the scope
+# differs) is what the callout itself adds to a request: Envoy's HTTP client, the
+# companion, one Redis script call, on loopback. That is the figure the strict target is
+# about; under saturation the added p99 would mostly be the other 7 connections'
+# requests waiting.
 #
 # Targets (printed as PASS/MISS; a benchmark reports figures and fails only on errors):
 # global scope >= 0.97 of local scope's throughput (wasm-1 and wasm-10k), strict scope's
@@ -102,8 +106,9 @@ if [[ -n "$BASELINE" ]]; then
   CASES+=(base-1 base-10k)
 fi
 CASES+=(global-1 global-10k strict-1)
-# The one-connection pass: local vs global vs strict, one client each.
-LATENCY_CASES=(wasm-1 global-1 strict-1)
+# The one-connection pass: local vs global vs strict, one client each, and the strict
+# check alone (wrk straight to the companion).
+LATENCY_CASES=(wasm-1 global-1 strict-1 companion)
 
 if [[ "$(nproc)" -lt 2 ]]; then
   echo "warning: fewer than 2 CPUs; Envoy and wrk will share one" >&2
@@ -296,6 +301,7 @@ REDIS_PASSWORD="$(random_secret)"
   umask 077
   printf '%s\n' "$ML_TOKEN" >"$RUN_DIR/token"
   printf '%s\n' "$REDIS_PASSWORD" >"$RUN_DIR/redis.password"
+  printf 'authorization: Bearer %s\n' "$ML_TOKEN" >"$RUN_DIR/auth.header"
   cat >"$RUN_DIR/redis.conf" <<EOF
 bind 127.0.0.1
 port $REDIS_PORT
@@ -379,7 +385,7 @@ envoy_metric() { # case name -> the counter or gauge in Envoy's /stats/prometheu
 }
 
 service_metric() { # name -> the companion's metric (0 if absent)
-  curl -s -H "authorization: Bearer $ML_TOKEN" "http://127.0.0.1:$SERVICE_PORT/metrics" \
+  curl -s -H "@$RUN_DIR/auth.header" "http://127.0.0.1:$SERVICE_PORT/metrics" \
     | awk -v m="$1" '$1 == m {v = $2} END {print v + 0}'
 }
 
@@ -415,7 +421,7 @@ check_service_run() { # case counter-before
     expect=0
     [[ $m == meshlimit_sync_failed_total ]] && expect="${SYNC_FAILED_AT_START[$c]}"
     if [[ "$(envoy_metric "$c" "$m")" != "$expect" ]]; then
-      curl -s -H "authorization: Bearer $ML_TOKEN" "http://127.0.0.1:$SERVICE_PORT/metrics" \
+      curl -s -H "@$RUN_DIR/auth.header" "http://127.0.0.1:$SERVICE_PORT/metrics" \
         | grep -E '^meshlimit_(requests_total|degraded)' >&2 || true
       fail "$c: $m is $(envoy_metric "$c" "$m"), not $expect (the companion's answers above; logs in $RUN_DIR)"
     fi
@@ -427,6 +433,15 @@ check_service_run() { # case counter-before
 run_wrk() { # case connections seconds -> RESULT line, with the CPU time the run cost
   local c="$1" conns="$2" secs="$3" pid before svc_before after svc_after line progress=0 \
     syncs=0 entries=0 latency=0 d_entries d_latency d_syncs
+  if [[ "$c" == companion ]]; then
+    # No Envoy: the strict check strict-1's filter sends, straight to the companion.
+    before="$(cpu_ticks "$SERVICE_PID" "$REDIS_PID")"
+    line="$(BENCH_TOKEN="$ML_TOKEN" taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" \
+      -s bench/wrk-companion.lua "http://127.0.0.1:$SERVICE_PORT/v1/strict" | grep '^RESULT')"
+    after="$(cpu_ticks "$SERVICE_PID" "$REDIS_PID")"
+    echo "$line envoy_cpu_ticks=0 service_cpu_ticks=$((after - before)) syncs=0 sync_entries=0 sync_latency_ms=0"
+    return
+  fi
   pid="${ENVOY_PID[$c]}"
   if uses_service "$c"; then
     progress="$(envoy_metric "$c" "$(progress_metric "$c")")"
@@ -499,13 +514,23 @@ done
 
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg) (the bench itself adds ~2)"
 
+# No sync failed after start-up, not even while a global Envoy waited for its turn.
+sleep 1.2
+for c in "${CASES[@]}"; do
+  uses_service "$c" || continue
+  failed="$(envoy_metric "$c" meshlimit_sync_failed_total)"
+  [[ "$failed" == "${SYNC_FAILED_AT_START[$c]}" ]] \
+    || fail "$c: $((failed - SYNC_FAILED_AT_START[$c])) syncs failed after start-up (logs in $RUN_DIR)"
+done
+
 # The native filter and meshlimit really ran on every request (and rejected none).
 native_ok="$(curl -s "http://127.0.0.1:$(($(port_of native) + 100))/stats" \
   | awk -F': ' '/bench_native.http_local_rate_limit.ok/ {print $2}')"
 echo "native filter: ${native_ok:-?} requests ok; meshlimit allowed / rejected (metrics lag one flush):"
 for c in wasm-10k global-1 global-10k strict-1; do
   echo "  $c: $(envoy_metric "$c" meshlimit_allowed_total) / $(envoy_metric "$c" meshlimit_rejected_total)," \
-    "syncs ok $(envoy_metric "$c" meshlimit_sync_ok_total) failed $(envoy_metric "$c" meshlimit_sync_failed_total)," \
+    "syncs ok $(envoy_metric "$c" meshlimit_sync_ok_total)" \
+    "failed $(envoy_metric "$c" meshlimit_sync_failed_total) (${SYNC_FAILED_AT_START[$c]:-0} at start-up)," \
     "strict allowed $(envoy_metric "$c" meshlimit_strict_allowed_total)"
 done
 echo "companion: $(service_metric meshlimit_sync_reports_total) reports," \
@@ -557,8 +582,9 @@ def table(conns, refs):
         m = med[key]
         line = f"{key[0]:<11} {m['rps']:>9.0f} {m['p50']:>8.0f} {m['p99']:>8.0f}"
         line += "".join(f" {m['rps'] / med[(n, conns)]['rps']:>9.2f}" for n in refs)
-        svc = f"{m['svc']:>10.1f}" if key[0].startswith(("global", "strict")) else f"{'':>10}"
-        line += f"  {m['lo']:>7.0f}..{m['hi']:<7.0f} {m['cpu']:>10.1f} {svc}"
+        svc = f"{m['svc']:>10.1f}" if key[0].startswith(("global", "strict", "companion")) else f"{'':>10}"
+        cpu = f"{'-':>10}" if key[0] == "companion" else f"{m['cpu']:>10.1f}"
+        line += f"  {m['lo']:>7.0f}..{m['hi']:<7.0f} {cpu} {svc}"
         print(line)
 
 print()
@@ -569,7 +595,8 @@ table(SERIAL, [])
 print("(medians over rounds; 'vs' columns are median req/s relative to the case named;\n"
       " a wide min..max means other work on the machine disturbed the run;\n"
       " cpu us/req is Envoy's CPU time per request (worker and main thread: the sync\n"
-      " included); svc us/req the companion's and Redis's, for the cases that use them)")
+      " included); svc us/req the companion's and Redis's, for the cases that use them;\n"
+      " companion is wrk straight to the companion's /v1/strict, no Envoy)")
 
 def syncs(case):
     rs = rows.get((case, LOADED), [])
@@ -599,6 +626,10 @@ if p99:
     print(f"strict-1 added latency over wasm-1 at -c{SERIAL}: p99 {p99[0]:+.0f} us (rounds"
           f" {p99[1]:+.0f}..{p99[2]:+.0f}), p50 {p50[0]:+.0f} us; target p99 < 1000 us:"
           f" {'PASS' if p99[0] < 1000 else 'MISS'}")
+direct = med.get(("companion", SERIAL))
+if direct and p99:
+    print(f"  of which the companion and Redis alone (wrk straight to /v1/strict): p50"
+          f" {direct['p50']:.0f} us, p99 {direct['p99']:.0f} us")
 g99 = paired(("global-1", SERIAL), ("wasm-1", SERIAL), lambda a, b: int(a["p99_us"]) - int(b["p99_us"]))
 if g99:
     print(f"global-1 added p99 over wasm-1 at -c{SERIAL}: {g99[0]:+.0f} us (rounds {g99[1]:+.0f}..{g99[2]:+.0f})")
