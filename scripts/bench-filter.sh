@@ -5,6 +5,8 @@
 #   scripts/bench-filter.sh            5 rounds x 12 runs x 5 s (about 7 minutes)
 #   ROUNDS=2 DURATION=2 scripts/bench-filter.sh     a quick look
 #   SCENARIOS=1 scripts/bench-filter.sh             also the three-AZ scenarios 1-2 (root)
+#   ONLY="wasm-10k global-10k" ROUNDS=15 scripts/bench-filter.sh
+#                                                  some cases only, more rounds
 #   BODY_BYTES=262144 scripts/bench-filter.sh      responses of 256 KB instead of 2 bytes
 #   WASM=target/wasm32-wasip1/release/meshlimit_filter.wasm scripts/bench-filter.sh
 #                                                  the module before wasm-trim
@@ -106,9 +108,21 @@ if [[ -n "$BASELINE" ]]; then
   CASES+=(base-1 base-10k)
 fi
 CASES+=(global-1 global-10k strict-1)
+# ONLY="wasm-10k global-10k": just these cases (more rounds in the same time, for one
+# comparison).
+if [[ -n "${ONLY:-}" ]]; then
+  kept=()
+  for c in "${CASES[@]}"; do [[ " $ONLY " == *" $c "* ]] && kept+=("$c"); done
+  for c in $ONLY; do [[ " ${kept[*]} " == *" $c "* ]] || { echo "error: ONLY: no case $c" >&2; exit 1; }; done
+  CASES=("${kept[@]}")
+fi
 # The one-connection pass: local vs global vs strict, one client each, and the strict
 # check alone (wrk straight to the companion).
-LATENCY_CASES=(wasm-1 global-1 strict-1 companion)
+LATENCY_CASES=()
+for c in wasm-1 global-1 strict-1; do
+  [[ " ${CASES[*]} " == *" $c "* ]] && LATENCY_CASES+=("$c")
+done
+[[ " ${CASES[*]} " == *" strict-1 "* ]] && LATENCY_CASES+=(companion)
 
 if [[ "$(nproc)" -lt 2 ]]; then
   echo "warning: fewer than 2 CPUs; Envoy and wrk will share one" >&2
@@ -524,10 +538,14 @@ for c in "${CASES[@]}"; do
 done
 
 # The native filter and meshlimit really ran on every request (and rejected none).
-native_ok="$(curl -s "http://127.0.0.1:$(($(port_of native) + 100))/stats" \
-  | awk -F': ' '/bench_native.http_local_rate_limit.ok/ {print $2}')"
-echo "native filter: ${native_ok:-?} requests ok; meshlimit allowed / rejected (metrics lag one flush):"
-for c in wasm-10k global-1 global-10k strict-1; do
+if [[ -n "${ENVOY_PID[native]:-}" ]]; then
+  native_ok="$(curl -s "http://127.0.0.1:$(($(port_of native) + 100))/stats" \
+    | awk -F': ' '/bench_native.http_local_rate_limit.ok/ {print $2}')"
+  echo "native filter: ${native_ok:-?} requests ok"
+fi
+echo "meshlimit allowed / rejected (metrics lag one flush):"
+for c in "${CASES[@]}"; do
+  [[ "$c" == wasm-1* || "$c" == global-* || "$c" == strict-* ]] || continue
   echo "  $c: $(envoy_metric "$c" meshlimit_allowed_total) / $(envoy_metric "$c" meshlimit_rejected_total)," \
     "syncs ok $(envoy_metric "$c" meshlimit_sync_ok_total)" \
     "failed $(envoy_metric "$c" meshlimit_sync_failed_total) (${SYNC_FAILED_AT_START[$c]:-0} at start-up)," \
