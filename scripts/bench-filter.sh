@@ -344,7 +344,8 @@ for i in $(seq 100); do
 done
 taskset -c "$SERVICE_CPUS" "$SERVICE_BIN" --listen "127.0.0.1:$SERVICE_PORT" \
   --redis-url "redis://127.0.0.1:$REDIS_PORT" --redis-password-file "$RUN_DIR/redis.password" \
-  --token-file "$RUN_DIR/token" --workers 1 >"$RUN_DIR/service.log" 2>&1 &
+  --token-file "$RUN_DIR/token" --workers 1 --max-reports-in-flight 3 \
+  >"$RUN_DIR/service.log" 2>&1 &
 SERVICE_PID=$!
 PIDS+=("$SERVICE_PID")
 for i in $(seq 100); do
@@ -430,6 +431,10 @@ check_service_run() { # case counter-before
     [[ $i == 30 ]] && fail "$c: $metric did not grow during the run ($before -> $now): it measured no sync with the companion"
     sleep 0.1
   done
+  # The warm-up fills the 10k-client table: its first reports are large, and the
+  # companion may shed one (503 overloaded; the filter sends its counts with the next).
+  # Not the measurement: failures are counted from after it (see below).
+  [[ -n "${WARMING:-}" ]] && return
   local m expect
   for m in meshlimit_sync_failed_total meshlimit_strict_failed_open_total \
     meshlimit_strict_failed_closed_total meshlimit_strict_failed_local_total; do
@@ -483,8 +488,9 @@ run_wrk() { # case connections seconds -> RESULT line, with the CPU time the run
 }
 
 # Every VM of an Envoy (--concurrency 1: the worker's and the main thread's) sends a
-# heartbeat when it is configured; the companion handles 2 reports at once by default
-# (--max-reports-in-flight) and answers the others of the three Envoys starting together
+# heartbeat when it is configured; the companion handles 3 reports at once here
+# (--max-reports-in-flight 3: one per Envoy; 2 by default) and answers the others of the
+# three Envoys starting together
 # 503 (overloaded, Retry-After 1). Those are start-up, not the measurement: each Envoy
 # must have synced once, and from then on no sync may fail.
 declare -A SYNC_FAILED_AT_START
@@ -509,8 +515,17 @@ echo "  the companion answered $(service_metric 'meshlimit_requests_total{endpoi
 # Other work on the machine skews every figure: say how busy it was.
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== warm-up (${WARMUP}s per case: V8 tier-up, the 10k-client table filled and reported)"
+WARMING=1
 for c in "${CASES[@]}"; do run_wrk "$c" "$CONNECTIONS" "$WARMUP" >/dev/null; done
 for c in "${LATENCY_CASES[@]}"; do run_wrk "$c" "$LATENCY_CONNECTIONS" 1 >/dev/null; done
+WARMING=
+sleep 1.2
+for c in "${CASES[@]}"; do
+  uses_service "$c" || continue
+  failed="$(envoy_metric "$c" meshlimit_sync_failed_total)"
+  echo "  $c: syncs failed in the warm-up: $((failed - SYNC_FAILED_AT_START[$c])); from here on none may"
+  SYNC_FAILED_AT_START[$c]="$failed"
+done
 
 echo "== $ROUNDS rounds x (${#CASES[@]} cases at -c$CONNECTIONS + ${#LATENCY_CASES[@]} at" \
   "-c$LATENCY_CONNECTIONS) x ${DURATION}s, wrk -t1"

@@ -138,9 +138,11 @@ impl Syncer {
             &self.reporter(plugin, companion),
             outbox,
             &tracked,
+            sync::load_tracked_cursor(shared),
             state.report_cap(),
             now,
         );
+        sync::save_tracked_cursor(shared, &pending);
         let dropped = sync::merge_into_outbox(shared, &leftover, sync::OUTBOX_CAPACITY);
         metrics::count_n(Counter::ReportDropped, dropped as u32);
         sync::record_sent(shared, now);

@@ -263,6 +263,23 @@ impl TrackedKeys {
             .map(|(&(r, f), &(_, pending))| (r, f, pending))
     }
 
+    /// (rule, fingerprint, pending) of every tracked key once, starting after `after`
+    /// and wrapping round. A report carries at most its cap of keys, tracked ones last:
+    /// when they do not all fit, the next report goes on after the last one this one
+    /// carried (`after`), instead of carrying the same first keys every time while the
+    /// rest keep shares they no longer use for a whole lease.
+    pub fn iter_after(
+        &self,
+        after: Option<(u16, u64)>,
+    ) -> impl Iterator<Item = (u16, u64, bool)> + '_ {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        // No cursor: (0, 0) splits the set into all keys above it, then (0, 0) itself.
+        let at = after.unwrap_or((0, 0));
+        (self.keys.range((Excluded(at), Unbounded)))
+            .chain(self.keys.range((Unbounded, Included(at))))
+            .map(|(&(r, f), &(_, pending))| (r, f, pending))
+    }
+
     /// Bytes of one tracked key in [`TrackedKeys::encode`].
     pub const ENCODED_LEN: usize = 15;
 

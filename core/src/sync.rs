@@ -13,6 +13,7 @@
 //! | [`LEADER_KEY`] | the VM that sends the reports, and until when (a lease renewed on its ticks) |
 //! | [`PROXY_KEY`] | the proxy's sync state: when the last successful report was sent, live proxies, the lease, when the last report was sent |
 //! | [`TRACKED_KEY`] | the keys the leader re-reports every interval ([`TrackedKeys`]), so a new leader carries on |
+//! | [`TRACKED_CURSOR_KEY`] | the last tracked key the last report carried: the next one goes on from there |
 //! | [`NONCE_KEY`] | this Envoy's start nonce, appended to its `proxy_id` on the wire |
 //!
 //! Each VM on its tick: merges its [`CandidateSet`] into the outbox
@@ -37,6 +38,8 @@ pub const OUTBOX_KEY: &str = "ml-sync:outbox";
 pub const LEADER_KEY: &str = "ml-sync:leader";
 pub const PROXY_KEY: &str = "ml-sync:proxy";
 pub const TRACKED_KEY: &str = "ml-sync:tracked";
+/// Where the next report's tracked keys start ([`load_tracked_cursor`]).
+pub const TRACKED_CURSOR_KEY: &str = "ml-sync:tracked-cursor";
 pub const NONCE_KEY: &str = "ml-sync:nonce";
 const KEYS: [&str; 5] = [OUTBOX_KEY, LEADER_KEY, PROXY_KEY, TRACKED_KEY, NONCE_KEY];
 
@@ -343,6 +346,33 @@ pub fn save_tracked<S: SharedData + ?Sized>(shared: &S, tracked: &TrackedKeys) {
     let _ = shared.set(TRACKED_KEY, &tracked.encode(), None);
 }
 
+/// The last tracked key a report carried (`rule (2) ‖ fingerprint (8)`, little-endian),
+/// where the next report's tracked keys start ([`TrackedKeys::iter_after`]); none before
+/// the first report, or after a bad record (it then starts from the first key).
+pub fn load_tracked_cursor<S: SharedData + ?Sized>(shared: &S) -> Option<(u16, u64)> {
+    let Ok((Some(v), _)) = shared.get(TRACKED_CURSOR_KEY) else {
+        return None;
+    };
+    let v: &[u8; 10] = v.as_slice().try_into().ok()?;
+    let mut fp = [0u8; 8];
+    fp.copy_from_slice(&v[2..]);
+    Some((u16::from_le_bytes([v[0], v[1]]), u64::from_le_bytes(fp)))
+}
+
+/// Records where the tracked keys of `pending` ended (the last plain tracked key it
+/// carries; a pending one is sent every interval anyway), for the next report; nothing
+/// if it carries none.
+pub fn save_tracked_cursor<S: SharedData + ?Sized>(shared: &S, pending: &Pending) {
+    let plain_tracked =
+        |k: &&SentKey| k.reasons & report::TRACKED != 0 && k.reasons & report::RETRY == 0;
+    if let Some(last) = pending.keys.iter().rfind(plain_tracked) {
+        let mut v = [0u8; 10];
+        v[..2].copy_from_slice(&last.rule.to_le_bytes());
+        v[2..].copy_from_slice(&last.fingerprint.to_le_bytes());
+        let _ = shared.set(TRACKED_CURSOR_KEY, &v, None);
+    }
+}
+
 // --- the report and its answer ---------------------------------------------------
 
 /// One key of a report as the leader sent it.
@@ -404,12 +434,16 @@ pub fn urgency(reasons: u8) -> u8 {
 /// per key). A key whose entry is gone but which held a share (an evicted grant, a
 /// tracked key) is reported as a release. At most `cap` keys (see
 /// [`ProxyState::report_cap`]), the most urgent first ([`urgency`]); the rest of the
-/// outbox is handed back for the next report. An empty report is the heartbeat.
+/// outbox is handed back for the next report. Tracked keys come in their order after
+/// `tracked_after` ([`load_tracked_cursor`]: where the last report's ended), so a
+/// tracked set larger than the cap is carried round in turn. An empty report is the
+/// heartbeat.
 pub fn build_report<S: SharedData + ?Sized>(
     shared: &S,
     who: &Reporter<'_>,
     outbox: Vec<Candidate>,
     tracked: &TrackedKeys,
+    tracked_after: Option<(u16, u64)>,
     cap: usize,
     now: u64,
 ) -> (Pending, Vec<Candidate>) {
@@ -417,7 +451,7 @@ pub fn build_report<S: SharedData + ?Sized>(
     let mut keys = Vec::new();
     let mut listed: HashSet<(u16, u64)> = HashSet::new();
     let mut leftover = Vec::new();
-    let tracked_keys = tracked.iter().map(|(rule, fingerprint, pending)| {
+    let tracked_keys = (tracked.iter_after(tracked_after)).map(|(rule, fingerprint, pending)| {
         let reasons = report::TRACKED | if pending { report::RETRY } else { 0 };
         Candidate {
             rule,

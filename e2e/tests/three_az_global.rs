@@ -176,15 +176,10 @@ fn global_limits_across_three_azs() {
     eprintln!("all three Envoys synced {synced:?} after the bring-up");
 
     let mut failures = Vec::new();
-    // MESHLIMIT_SCENARIOS=5,8 runs only those, `all` every one. By default every one but
-    // scenario 3: it passes on an otherwise idle machine (10.6-10.9 entries per report
-    // in its measured phase), but with other work on the two cores the warm-up's
-    // tracked keys have not decayed after the 8 s settle (3,082 left, 230 entries per
-    // report measured): README, "Global limits on three AZs".
+    // MESHLIMIT_SCENARIOS=5,8 runs only those; every one by default.
     let only = std::env::var("MESHLIMIT_SCENARIOS").unwrap_or_default();
     let run = |n: &str| match only.as_str() {
-        "" => n != "3",
-        "all" => true,
+        "" | "all" => true,
         list => list.split(',').any(|s| s.trim() == n),
     };
     type Scenario = fn(&Topology, &mut Vec<String>);
@@ -290,12 +285,13 @@ fn accuracy_uniform_and_skewed(topo: &Topology, failures: &mut Vec<String>) {
 /// Scenario 3: 10,000 clients over the three Envoys: 9,990 each sending one request per
 /// phase (all must pass), 10 hot ones at 3× their limit (each within the bound). A warm-up
 /// phase first (10,000 first sights in 10 s: reports of hundreds of keys, capped and
-/// most urgent first, some failing on this machine and shrinking the next), an 8 s
-/// settle with the hot keys only, then the measured phase: every cold client again,
+/// most urgent first, some failing on this machine and shrinking the next), a settle
+/// with the hot keys only until nine in ten of the warm-up's shares are back (about
+/// 8 s on an idle machine, at most 24 s), then the measured phase: every cold client again,
 /// and reports carry the keys that matter (the hot ones), not all 10,000.
 fn many_clients(topo: &Topology, failures: &mut Vec<String>) {
     eprintln!(
-        "scenario 3: 10,000 clients (10 hot at 60/s against 20/s), two phases of 10 s, 8 s apart"
+        "scenario 3: 10,000 clients (10 hot at 60/s against 20/s), two phases of 10 s, a settle between"
     );
     const COLD: u64 = 9_990;
     const HOT: u64 = 10;
@@ -305,30 +301,42 @@ fn many_clients(topo: &Topology, failures: &mut Vec<String>) {
     let cold_rate = COLD as f64 / secs / 3.0;
     let hot_rate = 20.0 * HOT as f64;
     let l = limit(1, 20);
-    // Between the phases, hot keys only: the warm-up's shares go back (see below).
-    const SETTLE: Duration = Duration::from_secs(8);
+    // Between the phases, hot keys only, until the warm-up's shares are back (see
+    // below): 2 s at a time, at most SETTLE.
+    const SETTLE: Duration = Duration::from_secs(24);
+    const SETTLE_STEP: Duration = Duration::from_secs(2);
     for phase in ["warm-up", "measured"] {
         if phase == "measured" {
-            // The warm-up's last new keys hold the shares their first sight earned
-            // until their silence is evidence (core::report::tracked_due: a few
-            // seconds at this limit). The hot keys go on meanwhile; by the end nine in
-            // ten of those shares are back (the rest: silences still within noise).
+            // The warm-up's new keys hold the shares their first sight earned until
+            // their silence is evidence (reported every interval as tracked keys, the
+            // companion's demand falling on each: several seconds at this limit; with
+            // other work on the cores, reports fail and shrink, and it takes longer).
+            // The hot keys go on meanwhile, until nine in ten of those shares are back
+            // (the rest: silences still within noise).
             let before: u64 = counters(topo, "meshlimit_tracked_keys").iter().sum();
-            let hot_only: Vec<meshlimit_e2e::Load> = Az::ALL
-                .into_iter()
-                .map(|az| {
-                    topo.load(az, |i| keyed("many", &format!("hot-{}", i % HOT)))
-                        .rate(hot_rate)
-                        .connections(3)
-                })
-                .collect();
-            meshlimit_e2e::load::run(hot_only, SETTLE);
-            let after: u64 = counters(topo, "meshlimit_tracked_keys").iter().sum();
+            let start = Instant::now();
+            let mut after = before;
+            while after * 10 > before && start.elapsed() < SETTLE {
+                let hot_only: Vec<meshlimit_e2e::Load> = Az::ALL
+                    .into_iter()
+                    .map(|az| {
+                        topo.load(az, |i| keyed("many", &format!("hot-{}", i % HOT)))
+                            .rate(hot_rate)
+                            .connections(3)
+                    })
+                    .collect();
+                meshlimit_e2e::load::run(hot_only, SETTLE_STEP);
+                after = counters(topo, "meshlimit_tracked_keys").iter().sum();
+            }
             check(
                 failures,
                 "scenario 3",
                 after * 10 <= before,
-                format!("tracked keys {before} after the warm-up, {after} {SETTLE:?} later (the hot ones: {}): nine in ten shares back", 3 * HOT),
+                format!(
+                    "tracked keys {before} after the warm-up, {after} {:.0?} later (at most {SETTLE:?}; the hot ones: {}): nine in ten shares back",
+                    start.elapsed(),
+                    3 * HOT
+                ),
             );
         }
         let entries0 = counters(topo, "meshlimit_sync_entries_total");

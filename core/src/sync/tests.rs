@@ -138,6 +138,7 @@ fn a_capped_report_carries_the_most_urgent_keys_and_hands_back_the_rest() {
         &who(&rules),
         outbox,
         &TrackedKeys::default(),
+        None,
         4,
         now,
     );
@@ -175,6 +176,7 @@ fn the_report_cap_halves_on_failures_down_to_its_floor_and_doubles_on_answers() 
         &who(&rules),
         outbox,
         &TrackedKeys::default(),
+        None,
         cap,
         now,
     );
@@ -191,6 +193,7 @@ fn the_report_cap_halves_on_failures_down_to_its_floor_and_doubles_on_answers() 
         &who(&rules),
         outbox,
         &TrackedKeys::default(),
+        None,
         read_proxy(&shared).report_cap(),
         now,
     );
@@ -250,6 +253,7 @@ fn an_answer_applies_its_grants_and_subtracts_what_was_reported() {
         &who(&rules),
         vec![candidate(fp(5), report::NEW, 0)],
         &TrackedKeys::default(),
+        None,
         REPORT_ENTRIES,
         now,
     );
@@ -336,4 +340,60 @@ fn the_start_nonce_is_the_first_vms() {
     assert_eq!(nonce(&shared, 7), 7);
     assert_eq!(nonce(&shared, 9), 7);
     assert_eq!(wire_proxy_id("envoy-a", 7), "envoy-a/00000007");
+}
+
+#[test]
+fn tracked_keys_beyond_the_cap_take_turns_instead_of_starving() {
+    let rules = rules();
+    let shared = store();
+    let now = 100 * S;
+    let params = TrackedParams::default();
+    let mut tracked = TrackedKeys::default();
+    for i in 1..=10 {
+        tracked.update(0, fp(i), &[SHARE_ONE / 2], false, params.quiet(3), &params);
+    }
+    // Each report carries 4 of the 10 (none has an entry: each goes as a release), from
+    // where the last one stopped, round and round.
+    let mut carried = Vec::new();
+    for _ in 0..3 {
+        let (pending, leftover) = build_report(
+            &shared,
+            &who(&rules),
+            Vec::new(),
+            &tracked,
+            load_tracked_cursor(&shared),
+            4,
+            now,
+        );
+        assert!(leftover.is_empty(), "tracked keys are not handed back");
+        save_tracked_cursor(&shared, &pending);
+        carried.push(
+            pending
+                .keys
+                .iter()
+                .map(|k| k.fingerprint)
+                .collect::<Vec<u64>>(),
+        );
+    }
+    let ids = |v: &[u64]| v.iter().map(|f| f & 0xffff_ffff).collect::<Vec<u64>>();
+    assert_eq!(ids(&carried[0]), [1, 2, 3, 4]);
+    assert_eq!(ids(&carried[1]), [5, 6, 7, 8]);
+    assert_eq!(ids(&carried[2]), [9, 10, 1, 2]);
+
+    // A report that carries no plain tracked key leaves the cursor where it was; a bad
+    // record reads as none (from the first key again).
+    let heartbeat = build_report(
+        &shared,
+        &who(&rules),
+        Vec::new(),
+        &TrackedKeys::default(),
+        None,
+        4,
+        now,
+    )
+    .0;
+    save_tracked_cursor(&shared, &heartbeat);
+    assert_eq!(load_tracked_cursor(&shared), Some((0, fp(2))));
+    shared.set(TRACKED_CURSOR_KEY, b"short", None).unwrap();
+    assert_eq!(load_tracked_cursor(&shared), None);
 }
