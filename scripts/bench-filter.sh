@@ -8,6 +8,11 @@
 #   ONLY="wasm-10k global-10k" ROUNDS=15 scripts/bench-filter.sh
 #                                                  some cases only, more rounds
 #   BODY_BYTES=262144 scripts/bench-filter.sh      responses of 256 KB instead of 2 bytes
+#   SPIN=1 ONLY="wasm-1 strict-1" scripts/bench-filter.sh
+#                                                  every CPU kept out of its idle state by a
+#                                                  SCHED_IDLE busy loop (it yields at once to
+#                                                  any other thread): what a strict check
+#                                                  costs without this VM's wake-ups from idle
 #   WASM=target/wasm32-wasip1/wasm/meshlimit_filter.wasm scripts/bench-filter.sh
 #                                                  the module before wasm-trim
 #   BASELINE=/tmp/old/meshlimit.wasm scripts/bench-filter.sh
@@ -98,6 +103,8 @@ WARMUP="${WARMUP:-2}"
 IDLE="${IDLE:-10}"
 SCENARIOS="${SCENARIOS:-}"
 [[ "$SCENARIOS" == 0 ]] && SCENARIOS=""
+SPIN="${SPIN:-}"
+[[ "$SPIN" == 0 ]] && SPIN=""
 if [[ -z "${SERVICE_CPUS:-}" ]]; then
   if [[ "$(nproc)" -ge 3 ]]; then SERVICE_CPUS=2; else SERVICE_CPUS=1; fi
 fi
@@ -514,6 +521,17 @@ echo "  the companion answered $(service_metric 'meshlimit_requests_total{endpoi
 
 # Other work on the machine skews every figure: say how busy it was.
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+# SPIN=1: a thread that wakes on an idle CPU of this VM waits for the CPU to leave its
+# idle state, which a strict check pays on every hop (Envoy -> companion -> Redis and
+# back). A SCHED_IDLE busy loop per CPU keeps them out of it and yields at once to any
+# other thread (it adds 1 per CPU to the load average).
+if [[ -n "$SPIN" ]]; then
+  for cpu in $(seq 0 $(($(nproc) - 1))); do
+    taskset -c "$cpu" chrt -i 0 bash -c 'while :; do :; done' &
+    PIDS+=("$!")
+  done
+  echo "== SPIN=1: a SCHED_IDLE busy loop on each of CPUs 0-$(($(nproc) - 1))"
+fi
 echo "== warm-up (${WARMUP}s per case: V8 tier-up, the 10k-client table filled and reported)"
 WARMING=1
 for c in "${CASES[@]}"; do run_wrk "$c" "$CONNECTIONS" "$WARMUP" >/dev/null; done
