@@ -12,7 +12,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1 >&2
 cargo build --profile wasm --target wasm32-wasip1 -p meshlimit-filter >&2
-cargo build --release -p wasm-trim >&2
+# wasm-trim in the dev profile: it copies one module in milliseconds either way, and its
+# wasmparser builds in 24 s instead of 38 s (cold, measured here).
+cargo build -p wasm-trim >&2
 UNUSED=(
   proxy_on_log proxy_on_done proxy_on_queue_ready
   proxy_on_request_body proxy_on_request_trailers
@@ -22,5 +24,5 @@ UNUSED=(
   proxy_on_grpc_receive_initial_metadata proxy_on_grpc_receive
   proxy_on_grpc_receive_trailing_metadata proxy_on_grpc_close proxy_on_foreign_function
 )
-target/release/wasm-trim target/wasm32-wasip1/wasm/meshlimit_filter.wasm target/meshlimit.wasm "${UNUSED[@]}"
+target/debug/wasm-trim target/wasm32-wasip1/wasm/meshlimit_filter.wasm target/meshlimit.wasm "${UNUSED[@]}"
 echo "$ROOT/target/meshlimit.wasm"
