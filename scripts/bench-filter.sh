@@ -497,8 +497,7 @@ run_wrk() { # case connections seconds -> RESULT line, with the CPU time the run
 # Every VM of an Envoy (--concurrency 1: the worker's and the main thread's) sends a
 # heartbeat when it is configured; the companion handles 3 reports at once here
 # (--max-reports-in-flight 3: one per Envoy; 2 by default) and answers the others of the
-# three Envoys starting together
-# 503 (overloaded, Retry-After 1). Those are start-up, not the measurement: each Envoy
+# three Envoys starting together 503 (overloaded, Retry-After 1). Those are start-up, not the measurement: each Envoy
 # must have synced once, and from then on no sync may fail.
 declare -A SYNC_FAILED_AT_START
 for c in "${CASES[@]}"; do

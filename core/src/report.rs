@@ -258,9 +258,7 @@ impl TrackedKeys {
 
     /// (rule, fingerprint, pending) of every tracked key.
     pub fn iter(&self) -> impl Iterator<Item = (u16, u64, bool)> + '_ {
-        self.keys
-            .iter()
-            .map(|(&(r, f), &(_, pending))| (r, f, pending))
+        self.iter_after(None)
     }
 
     /// (rule, fingerprint, pending) of every tracked key once, starting after `after`
